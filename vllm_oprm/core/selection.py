@@ -1,0 +1,80 @@
+"""Chunk selection: minimum first-token entropy with the IDK filter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+
+
+def first_token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy in nats (float32) of the full-vocabulary softmax, per row.
+
+    Tokens with zero probability (``-inf`` logits) add nothing, as in the limit.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    p = logp.exp()
+    return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(dim=-1)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What selection decided for one request."""
+
+    num_chunks: int
+    selected_chunk: int | None  # None in summarize mode: every chunk is decoded
+    entropies: list[float]
+
+
+@dataclass
+class ChunkSelector:
+    """Running minimum-entropy selection over chunks that arrive in any order.
+
+    A chunk beats the best so far when its entropy is strictly lower, or equal
+    with a lower chunk index, so the result is the paper's strict ``<`` over
+    chunks in order whatever order batches finish in. Chunks whose argmax first
+    token is an IDK token are dropped; if every chunk is dropped, all count.
+    """
+
+    num_chunks: int
+    idk_token_ids: Iterable[int] = ()
+    _entropies: dict[int, float] = field(default_factory=dict)
+    _best_answering: tuple[float, int] | None = None
+    _best_any: tuple[float, int] | None = None
+
+    def __post_init__(self) -> None:
+        self.idk_token_ids = frozenset(self.idk_token_ids)
+
+    def add(self, chunk: int, entropy: float, first_token_argmax: int) -> None:
+        if not 0 <= chunk < self.num_chunks or chunk in self._entropies:
+            raise ValueError(f"chunk {chunk} is out of range or was already added")
+        entropy = float(entropy)
+        self._entropies[chunk] = entropy
+        key = (entropy, chunk)
+        if self._best_any is None or key < self._best_any:
+            self._best_any = key
+        if first_token_argmax not in self.idk_token_ids:
+            if self._best_answering is None or key < self._best_answering:
+                self._best_answering = key
+
+    @property
+    def winner(self) -> int | None:
+        """The chunk that wins among those added so far (None before any)."""
+        best = self._best_answering or self._best_any
+        return None if best is None else best[1]
+
+    def live_chunks(self) -> set[int]:
+        """Chunks whose states must stay alive: the winner, and while no chunk
+        answers yet, the all-IDK fallback (the same chunk then)."""
+        return set() if self.winner is None else {self.winner}
+
+    @property
+    def done(self) -> bool:
+        return len(self._entropies) == self.num_chunks
+
+    def result(self) -> Selection:
+        if not self.done:
+            raise RuntimeError(f"{len(self._entropies)} of {self.num_chunks} chunks were added")
+        entropies = [self._entropies[i] for i in range(self.num_chunks)]
+        return Selection(self.num_chunks, self.winner, entropies)

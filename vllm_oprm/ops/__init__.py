@@ -1,0 +1,1 @@
+"""Recurrence kernels: plain torch references that run anywhere."""

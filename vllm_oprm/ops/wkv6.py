@@ -1,0 +1,31 @@
+"""RWKV6 (Finch) WKV recurrence, the step-by-step torch reference."""
+
+from __future__ import annotations
+
+import torch
+
+
+def wkv6_recurrent_ref(
+    r: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor,
+    bonus: torch.Tensor,
+    state: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token at a time, in float32, exactly as the recurrence is written.
+
+    r, k, log_decay: [B, H, T, K]; v: [B, H, T, V]; bonus (``time_faaaa``): [H, K];
+    state: [B, H, K, V]. For each t:
+    ``o_t = r_t (S + bonus * k_t^T v_t)``, then ``S = exp(log_decay_t) * S + k_t^T v_t``.
+    Returns (o [B, H, T, V] float32, final state [B, H, K, V] float32).
+    """
+    r, k, v, log_decay = (x.float() for x in (r, k, v, log_decay))
+    state = state.float().clone()
+    bonus = bonus.float()[None, :, :, None]
+    out = torch.empty(*v.shape, dtype=torch.float32, device=v.device)
+    for t in range(r.shape[2]):
+        kv = k[:, :, t, :, None] * v[:, :, t, None, :]
+        out[:, :, t] = (r[:, :, t, :, None] * (state + bonus * kv)).sum(dim=-2)
+        state = state * log_decay[:, :, t, :, None].exp() + kv
+    return out, state

@@ -1,0 +1,5 @@
+"""Exact OPRM on transformers models (and the torch RWKV6), CPU or GPU."""
+
+from .generator import OPRMGenerator
+
+__all__ = ["OPRMGenerator"]

@@ -1,0 +1,97 @@
+"""Tiny local models and a word-level tokenizer, for tests, the demo and benchmarks.
+
+No hub is needed: every family is built from a small config with seeded random
+weights (spread out so that greedy decoding and entropies are not flat) and
+saved as a normal Hugging Face model directory.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+FAMILIES = ("mamba", "falcon_mamba", "mamba2", "recurrent_gemma", "rwkv6")
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>", "Error")
+PAD_ID, BOS_ID, EOS_ID, UNK_ID, IDK_ID = range(5)
+
+
+def build_tokenizer(path: str, num_words: int = 251):
+    """A whitespace word-level tokenizer ("w0".."wN" plus specials) that adds <bos>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    vocab.update({f"w{i}": len(SPECIAL_TOKENS) + i for i in range(num_words)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", BOS_ID)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+    fast.save_pretrained(path)
+    return fast
+
+
+def _config(family: str, vocab_size: int):
+    import transformers as tf
+
+    ids = dict(vocab_size=vocab_size, tie_word_embeddings=False, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+    if family == "mamba":
+        return tf.MambaConfig(hidden_size=64, state_size=8, num_hidden_layers=2, expand=2, conv_kernel=4, **ids)
+    if family == "falcon_mamba":
+        return tf.FalconMambaConfig(hidden_size=64, state_size=8, num_hidden_layers=2, expand=2, conv_kernel=4, **ids)
+    if family == "mamba2":
+        return tf.Mamba2Config(
+            hidden_size=64, num_heads=8, head_dim=16, state_size=16, n_groups=1, expand=2,
+            num_hidden_layers=2, conv_kernel=4, chunk_size=64, **ids,
+        )
+    if family == "recurrent_gemma":
+        return tf.RecurrentGemmaConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=1, head_dim=16, lru_width=64, attention_window_size=16, conv1d_width=4,
+            block_types=["recurrent", "recurrent", "attention"], logits_soft_cap=30.0, **ids,
+        )
+    raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+
+
+def build_model(family: str, path: str, vocab_size: int, seed: int = 0):
+    """A tiny random model of ``family``, saved (float32) to ``path`` and returned."""
+    torch.manual_seed(seed)
+    if family == "rwkv6":
+        from .reference.rwkv6 import Rwkv6Config, Rwkv6ForCausalLM
+
+        config = Rwkv6Config(
+            vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, head_size=16,
+            intermediate_size=128, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+        )
+        model = Rwkv6ForCausalLM(config).eval()
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_config(_config(family, vocab_size)).eval()
+        with torch.no_grad():  # spread random weights out so tokens and entropies vary
+            for module in model.modules():
+                if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                    fan_in = module.weight.shape[0 if isinstance(module, torch.nn.Embedding) else 1]
+                    module.weight.normal_(0.0, 2.0 * fan_in**-0.5)
+    if hasattr(model, "generation_config") and model.generation_config is not None:
+        model.generation_config.pad_token_id = PAD_ID
+    model.save_pretrained(path)
+    return model
+
+
+def build_model_dir(family: str, path: str, seed: int = 0):
+    """Tokenizer and model of ``family`` in one directory, ready for vLLM or transformers."""
+    os.makedirs(path, exist_ok=True)
+    tokenizer = build_tokenizer(path)
+    model = build_model(family, path, vocab_size=len(tokenizer), seed=seed)
+    return model, tokenizer
+
+
+def words(rng: torch.Generator, count: int, num_words: int = 251) -> str:
+    """``count`` random vocabulary words joined by spaces."""
+    return " ".join(f"w{i}" for i in torch.randint(0, num_words, (count,), generator=rng).tolist())
