@@ -1,0 +1,1 @@
+"""OPRM inside vLLM's engine: entropy capture, chunk fan-out, offline API."""

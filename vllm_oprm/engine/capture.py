@@ -1,0 +1,64 @@
+"""Exact first-token entropy inside vLLM's worker, read back through ``collective_rpc``.
+
+A chunk request carries ``SamplingParams.extra_args[CAPTURE_KEY] = <key>``. The
+logits processor below sees the float32 logits of every row before penalties
+and temperature, and for a marked row that has not produced a token yet it
+records the full-vocabulary entropy and argmax under that key. Rows in a
+partial (chunked) prefill are overwritten by the final prefill step, and once
+the first token exists the row is left alone, so later decode steps cost
+nothing and carry no vocabulary-sized payload. The front end pops the records
+with ``collective_rpc("oprm_take_first_tokens", args=(keys,))``, answered by the
+worker extension below: only (entropy, argmax) pairs travel.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
+from vllm.v1.sample.logits_processor.builtin import process_dict_updates
+
+from ..core.selection import first_token_entropy
+
+CAPTURE_KEY = "oprm_capture"
+PROCESSOR = "vllm_oprm.engine.capture:FirstTokenEntropy"
+WORKER_EXTENSION = "vllm_oprm.engine.capture.OPRMWorkerExtension"
+
+# key -> (entropy, argmax); one dict per worker process, filled by the processor.
+_records: dict[str, tuple[float, int]] = {}
+
+
+class FirstTokenEntropy(LogitsProcessor):
+    """Records (entropy, argmax) of a marked request's first-token logits."""
+
+    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
+        self._rows: dict[int, tuple[str, list[int]]] = {}  # batch index -> (key, live output tokens)
+
+    def is_argmax_invariant(self) -> bool:
+        return False  # so it runs for greedy batches too; it never changes the logits
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        def track(params, _prompt_ids, output_ids):
+            extra = params.extra_args or {}
+            return (extra[CAPTURE_KEY], output_ids) if CAPTURE_KEY in extra else None
+
+        process_dict_updates(self._rows, batch_update, track)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        pending = [(index, key) for index, (key, output_ids) in self._rows.items() if not output_ids]
+        if not pending:
+            return logits
+        indices = torch.tensor([index for index, _ in pending], device=logits.device)
+        rows = logits.index_select(0, indices)
+        entropies = first_token_entropy(rows).tolist()
+        argmaxes = rows.argmax(dim=-1).tolist()
+        for (_, key), entropy, argmax in zip(pending, entropies, argmaxes):
+            _records[key] = (entropy, argmax)
+        return logits
+
+
+class OPRMWorkerExtension:
+    """Mixed into vLLM's worker (``worker_extension_cls``)."""
+
+    def oprm_take_first_tokens(self, keys: list[str]) -> dict[str, tuple[float, int]]:
+        """Pop and return the records of ``keys`` that exist."""
+        return {key: _records.pop(key) for key in keys if key in _records}

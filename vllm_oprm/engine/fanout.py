@@ -1,0 +1,122 @@
+"""One OPRM request as chunk child requests: which to add, which to abort, when it is done.
+
+Engine-agnostic bookkeeping shared by the offline API and the server; the
+caller owns the engine calls. Batches go out one at a time so at most
+``max_batch_tokens`` of this request's chunk prefill is in flight; as soon as a
+batch's first tokens and their entropies are known, every chunk but the
+running winner is aborted (select), or all keep decoding (summarize).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..core import ChunkRows, ChunkSelector, OPRMConfig, Selection
+
+_serial = itertools.count()
+
+
+@dataclass
+class Actions:
+    add: list[int] = field(default_factory=list)  # chunks to submit now
+    abort: list[int] = field(default_factory=list)  # chunks to abort now
+
+
+class FanOut:
+    """State of one parent request's chunk children."""
+
+    def __init__(self, parent_id: str, layout: ChunkRows, config: OPRMConfig):
+        self.parent_id = parent_id
+        self.rows, self.batches = layout.rows, layout.batches
+        self.config = config
+        self.selector = ChunkSelector(layout.num_chunks, config.idk_token_ids)
+        self.next_batch = 0
+        self.in_engine: set[int] = set()  # submitted, not finished or aborted
+        self.first_token: set[int] = set()
+        self.scored: set[int] = set()
+        self.latest: dict[int, Any] = {}  # chunk -> its latest engine output
+        self.finished: set[int] = set()
+        self._tag = f"{parent_id}#oprm{next(_serial)}"
+
+    # -- ids -------------------------------------------------------------------
+
+    def child_id(self, chunk: int) -> str:
+        return f"{self._tag}-{chunk}"
+
+    def capture_key(self, chunk: int) -> str:
+        return self.child_id(chunk)
+
+    def chunk_of(self, child_id: str) -> int:
+        return int(child_id.rsplit("-", 1)[1])
+
+    @property
+    def summarize(self) -> bool:
+        return self.config.mode == "summarize"
+
+    # -- events ----------------------------------------------------------------
+
+    def start(self) -> Actions:
+        return self._submit_next_batch()
+
+    def on_output(self, chunk: int, output: Any, num_tokens: int, finished: bool) -> None:
+        """A child's engine output arrived."""
+        self.latest[chunk] = output
+        if num_tokens > 0:
+            self.first_token.add(chunk)
+        if finished:
+            self.finished.add(chunk)
+            self.in_engine.discard(chunk)
+
+    def awaiting_scores(self) -> list[int]:
+        """Chunks of the current batch whose first token is out but not yet scored,
+        once the whole batch has its first tokens (then all are scored together)."""
+        batch = self.batches[self.next_batch - 1]
+        if all(c in self.first_token for c in batch):
+            return [c for c in batch if c not in self.scored]
+        return []
+
+    def on_scores(self, scores: dict[int, tuple[float, int]]) -> Actions:
+        """(entropy, argmax) for every chunk of the current batch."""
+        for chunk, (entropy, argmax) in sorted(scores.items()):
+            self.selector.add(chunk, entropy, argmax)
+            self.scored.add(chunk)
+        actions = Actions()
+        if not self.summarize:
+            losers = sorted(c for c in self.in_engine if c != self.selector.winner)
+            self.in_engine.difference_update(losers)
+            actions.abort = losers
+            for chunk in self.scored - {self.selector.winner}:
+                self.latest.pop(chunk, None)
+        if self.next_batch < len(self.batches):
+            actions.add = self._submit_next_batch().add
+        return actions
+
+    def _submit_next_batch(self) -> Actions:
+        batch = self.batches[self.next_batch]
+        self.next_batch += 1
+        self.in_engine.update(batch)
+        return Actions(add=list(batch))
+
+    # -- result ----------------------------------------------------------------
+
+    @property
+    def selected(self) -> int | None:
+        return self.selector.winner if self.selector.done else None
+
+    def done(self) -> bool:
+        if not self.selector.done:
+            return False
+        if self.summarize:
+            return len(self.finished) == len(self.rows)
+        return self.selector.winner in self.finished
+
+    def selection(self) -> Selection:
+        result = self.selector.result()
+        if self.summarize:
+            return Selection(result.num_chunks, None, result.entropies)
+        return result
+
+    def live_children(self) -> list[str]:
+        return [self.child_id(c) for c in sorted(self.in_engine)]

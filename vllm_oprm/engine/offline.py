@@ -1,0 +1,164 @@
+"""``OPRMLLM``: vLLM's offline ``LLM`` with OPRM prompts, all requests batched together."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Sequence
+
+from tqdm import tqdm
+from vllm import LLM, SamplingParams
+from vllm.outputs import CompletionOutput, RequestOutput
+
+from ..core import OPRMConfig, OPRMPrompt, Selection
+from .capture import CAPTURE_KEY, PROCESSOR, WORKER_EXTENSION
+from .fanout import Actions, FanOut
+from .layout import plan_request
+
+_serial = itertools.count()
+
+
+class OPRMLLM:
+    """An ``LLM`` whose ``generate`` also takes ``OPRMPrompt``s.
+
+    ``OPRMLLM(model=..., **llm_kwargs)`` builds the ``LLM`` with OPRM's entropy
+    processor and worker extension. Every request, OPRM or plain, goes into the
+    engine at once and is scheduled by vLLM's continuous batching; each OPRM
+    prompt becomes one engine request per chunk. Results are ``RequestOutput``s
+    in prompt order with an extra ``.oprm`` (``Selection``: ``num_chunks``,
+    ``selected_chunk``, ``entropies``; None for plain prompts).
+    """
+
+    def __init__(self, **llm_kwargs: Any):
+        processors = list(llm_kwargs.pop("logits_processors", None) or [])
+        llm_kwargs["logits_processors"] = [*processors, PROCESSOR]
+        llm_kwargs.setdefault("worker_extension_cls", WORKER_EXTENSION)
+        self.llm = LLM(**llm_kwargs)
+        self.engine = self.llm.llm_engine
+        self.tokenizer = self.llm.get_tokenizer()
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+
+    def generate(
+        self,
+        prompts: OPRMPrompt | str | Sequence[Any],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        oprm: OPRMConfig | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        if isinstance(prompts, (OPRMPrompt, str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params or SamplingParams()] * len(prompts)
+        if len(sampling_params) != len(prompts):
+            raise ValueError(f"sampling_params has {len(sampling_params)} entries for {len(prompts)} prompts")
+        oprm = oprm or OPRMConfig()
+        # Lay out and validate everything before the engine sees any of it.
+        plans = [
+            plan_request(p, sp, oprm, self.tokenizer, self.max_model_len) if isinstance(p, OPRMPrompt) else None
+            for p, sp in zip(prompts, sampling_params)
+        ]
+        results: list[RequestOutput | None] = [None] * len(prompts)
+        active: dict[int, tuple[FanOut, SamplingParams]] = {}  # prompt index -> its fan-out
+        children: dict[str, int] = {}  # child request id -> prompt index
+        plain: dict[str, int] = {}
+        bar = tqdm(total=len(prompts), desc="OPRM requests", disable=not use_tqdm)
+        try:
+            for index, (prompt, params, layout) in enumerate(zip(prompts, sampling_params, plans)):
+                request_id = f"oprm-{next(_serial)}"
+                if layout is None:
+                    plain[request_id] = index
+                    self.engine.add_request(request_id, prompt, _streaming(params))
+                else:
+                    active[index] = (FanOut(request_id, layout, oprm), params)
+                    self._apply(index, active[index], active[index][0].start(), children)
+            while self.engine.has_unfinished_requests():
+                ready: set[int] = set()
+                for out in self.engine.step():
+                    if out.request_id in plain:
+                        if out.finished:
+                            out.oprm = None
+                            results[plain.pop(out.request_id)] = out
+                            bar.update(1)
+                    elif out.request_id in children:  # else: an aborted loser's last output
+                        index = children[out.request_id]
+                        fanout = active[index][0]
+                        chunk = fanout.chunk_of(out.request_id)
+                        fanout.on_output(chunk, out, len(out.outputs[0].token_ids), out.finished)
+                        if fanout.awaiting_scores():
+                            ready.add(index)
+                self._score(sorted(ready), active, children)
+                for index in [i for i, (fanout, _) in active.items() if fanout.done()]:
+                    fanout, _ = active.pop(index)
+                    results[index] = _parent_output(fanout)
+                    bar.update(1)
+        except BaseException:
+            live = [cid for fanout, _ in active.values() for cid in fanout.live_children()] + list(plain)
+            if live:
+                self.engine.abort_request(live)
+            raise
+        finally:
+            bar.close()
+        return results
+
+    def _apply(self, index: int, owner: tuple[FanOut, SamplingParams], actions: Actions, children) -> None:
+        fanout, params = owner
+        if actions.abort:
+            self.engine.abort_request([fanout.child_id(c) for c in actions.abort])
+        for chunk in actions.add:
+            child_id = fanout.child_id(chunk)
+            children[child_id] = index
+            child_params = _streaming(params)
+            child_params.extra_args = {**(params.extra_args or {}), CAPTURE_KEY: fanout.capture_key(chunk)}
+            self.engine.add_request(child_id, {"prompt_token_ids": fanout.rows[chunk]}, child_params)
+
+    def _score(self, ready: list[int], active, children) -> None:
+        """Fetch (entropy, argmax) of every ready batch in one worker round trip."""
+        if not ready:
+            return
+        wanted = {
+            active[index][0].capture_key(chunk): (index, chunk)
+            for index in ready
+            for chunk in active[index][0].awaiting_scores()
+        }
+        records = self.llm.collective_rpc("oprm_take_first_tokens", args=(list(wanted),))[0]
+        missing = sorted(set(wanted) - set(records))
+        if missing:
+            raise RuntimeError(f"no first-token record for chunk requests {missing[:3]}")
+        scores: dict[int, dict[int, tuple[float, int]]] = {index: {} for index in ready}
+        for key, (index, chunk) in wanted.items():
+            scores[index][chunk] = tuple(records[key])
+        for index in ready:
+            self._apply(index, active[index], active[index][0].on_scores(scores[index]), children)
+
+
+def _streaming(params: SamplingParams) -> SamplingParams:
+    """A copy that reports every step (the first token must be seen as it comes)."""
+    from vllm.sampling_params import RequestOutputKind
+
+    params = params.clone()
+    params.output_kind = RequestOutputKind.CUMULATIVE
+    return params
+
+
+def _parent_output(fanout: FanOut) -> RequestOutput:
+    """The parent's ``RequestOutput``: the winner's, or every chunk's joined in order."""
+    selection: Selection = fanout.selection()
+    if fanout.summarize:
+        finals = [fanout.latest[c] for c in range(len(fanout.rows))]
+        completions = [f.outputs[0] for f in finals]
+        joined = CompletionOutput(
+            index=0,
+            text=fanout.config.summary_separator.join(c.text for c in completions),
+            token_ids=[t for c in completions for t in c.token_ids],
+            cumulative_logprob=None,
+            logprobs=None,
+            finish_reason=completions[-1].finish_reason,
+            stop_reason=completions[-1].stop_reason,
+        )
+        out = finals[-1]
+        out.outputs = [joined]
+    else:
+        out = fanout.latest[selection.selected_chunk]
+    out.request_id = fanout.parent_id
+    out.oprm = selection
+    return out
