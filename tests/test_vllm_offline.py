@@ -1,0 +1,146 @@
+"""OPRM through a real vLLM V1 engine (CPU build), checked against the reference backend."""
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from vllm import SamplingParams  # noqa: E402
+
+from vllm_oprm import OPRMConfig, OPRMPrompt  # noqa: E402
+from vllm_oprm.reference import OPRMGenerator  # noqa: E402
+from vllm_oprm.testing import build_model_dir, words  # noqa: E402
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def mamba2(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("mamba2"))
+    model, tokenizer = build_model_dir("mamba2", path, seed=1)
+    return path, OPRMGenerator(model, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def llm(mamba2):
+    from vllm_oprm import OPRMLLM
+
+    engine = OPRMLLM(
+        model=mamba2[0], dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=16,
+        disable_log_stats=False,
+    )
+    yield engine
+    del engine
+
+
+def prompts(seed, count, context_words=70):
+    rng = torch.Generator().manual_seed(seed)
+    return [OPRMPrompt(words(rng, 5), words(rng, context_words), words(rng, 4)) for _ in range(count)]
+
+
+def same_text(engine_text, reference_text):
+    """vLLM detokenizes incrementally after the prompt, so the word-level tokenizer's
+    continuation starts with the space that joins it to the prompt."""
+    return engine_text.split() == reference_text.split()
+
+
+def assert_same_as_reference(out, ref):
+    assert out.outputs[0].token_ids == ref.token_ids
+    assert same_text(out.outputs[0].text, ref.text)
+    assert (out.oprm.num_chunks, out.oprm.selected_chunk) == (ref.num_chunks, ref.selected_chunk)
+    assert out.oprm.entropies == pytest.approx(ref.entropies, abs=1e-4)
+
+
+@pytest.mark.parametrize("budget", [26, 60, 100_000])  # one row per batch, two rows, all rows
+def test_select_equals_reference(llm, mamba2, budget):
+    config = OPRMConfig(chunk_size=16, max_batch_tokens=budget)
+    batch = prompts(seed=budget, count=4)
+    outs = llm.generate(batch, GREEDY, oprm=config, use_tqdm=False)
+    for prompt, out in zip(batch, outs):
+        assert_same_as_reference(out, mamba2[1].generate(prompt, config, max_new_tokens=10, eos_token_id=-1))
+    assert {out.oprm.num_chunks for out in outs} == {5}
+    assert len({out.request_id for out in outs}) == 4
+
+
+@pytest.mark.parametrize("mode", ["summarize", "last"])
+def test_summarize_and_last_equal_reference(llm, mamba2, mode):
+    config = OPRMConfig(chunk_size=16, mode=mode, max_batch_tokens=60, summary_separator=" | ")
+    batch = prompts(seed=11, count=2, context_words=40)
+    outs = llm.generate(batch, GREEDY, oprm=config, use_tqdm=False)
+    for prompt, out in zip(batch, outs):
+        ref = mamba2[1].generate(prompt, config, max_new_tokens=10, eos_token_id=-1)
+        assert out.outputs[0].token_ids == ref.token_ids
+        assert same_text(out.outputs[0].text, ref.text)
+        assert (out.oprm.num_chunks, out.oprm.selected_chunk) == (ref.num_chunks, ref.selected_chunk)
+
+
+def test_idk_filter_changes_the_choice(llm, mamba2):
+    prompt = prompts(seed=12, count=1)[0]
+    base = llm.generate([prompt], GREEDY, oprm=OPRMConfig(chunk_size=16), use_tqdm=False)[0]
+    idk = base.outputs[0].token_ids[0]  # the winner's first token, declared "I don't know"
+    config = OPRMConfig(chunk_size=16, idk_token_ids=[idk])
+    out = llm.generate([prompt], GREEDY, oprm=config, use_tqdm=False)[0]
+    ref = mamba2[1].generate(prompt, config, max_new_tokens=10, eos_token_id=-1)
+    assert_same_as_reference(out, ref)
+    assert out.oprm.selected_chunk != base.oprm.selected_chunk or out.outputs[0].token_ids[0] == idk
+
+
+def test_single_chunk_equals_vanilla_vllm_and_mixed_batches_come_back_right(llm, mamba2):
+    tokenizer = llm.tokenizer
+    oprm_prompts = prompts(seed=13, count=3, context_words=40)
+    tps = [p.tokenize(tokenizer) for p in oprm_prompts]
+    plain = [{"prompt_token_ids": tp.prefix_ids + tp.context_ids + tp.suffix_ids} for tp in tps]
+    mixed = llm.generate([oprm_prompts[0], plain[0], oprm_prompts[1], "w1 w2 w3", oprm_prompts[2], plain[1]],
+                         GREEDY, oprm=OPRMConfig(chunk_size=40), use_tqdm=False)
+    one_by_one = [llm.generate([p], GREEDY, use_tqdm=False)[0] for p in plain]
+    assert mixed[1].oprm is None and mixed[3].oprm is None
+    for oprm_out, alone in zip([mixed[0], mixed[2], mixed[4]], one_by_one):
+        assert oprm_out.oprm.num_chunks == 1
+        assert oprm_out.outputs[0].token_ids == alone.outputs[0].token_ids
+    assert mixed[1].outputs[0].token_ids == one_by_one[0].outputs[0].token_ids
+    assert mixed[5].outputs[0].token_ids == one_by_one[1].outputs[0].token_ids
+
+
+def running_requests(llm) -> float:
+    for metric in llm.llm.get_metrics():
+        if metric.name == "vllm:num_requests_running":
+            return metric.value
+    raise AssertionError("vllm:num_requests_running is not reported")
+
+
+def test_one_state_slot_while_the_winner_decodes_and_none_after(llm, monkeypatch):
+    prompt = prompts(seed=14, count=1)[0]
+    seen = []
+    step = llm.engine.step
+
+    def step_and_count():
+        outputs = step()
+        seen.append(running_requests(llm))
+        return outputs
+
+    monkeypatch.setattr(llm.engine, "step", step_and_count)
+    long_decode = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    out = llm.generate([prompt], long_decode, oprm=OPRMConfig(chunk_size=16), use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 40 and out.oprm.num_chunks == 5
+    assert max(seen) == 5  # all five chunk rows prefilled side by side
+    assert seen[-30:-1] == [1] * 29  # then only the winner decodes
+    monkeypatch.undo()
+    llm.generate(["w1 w2"], SamplingParams(max_tokens=1), use_tqdm=False)  # refresh the gauges
+    assert running_requests(llm) == 0
+
+
+@pytest.mark.parametrize(
+    "params, config, prompt, message",
+    [
+        (SamplingParams(n=2), OPRMConfig(chunk_size=16), None, "n=2"),
+        (SamplingParams(max_tokens=10), OPRMConfig(chunk_size=600), OPRMPrompt("w1", "w2 " * 600, "w3"), "max_model_len"),
+        (GREEDY, OPRMConfig(chunk_size=16), OPRMPrompt([1], [10**6], [2]), "vocabulary"),
+        (GREEDY, OPRMConfig(chunk_size=16), OPRMPrompt("w1", "", "w2"), "context is empty"),
+    ],
+)
+def test_bad_requests_raise_before_reaching_the_engine(llm, params, config, prompt, message):
+    prompt = prompt or prompts(seed=15, count=1)[0]
+    with pytest.raises(ValueError, match=message):
+        llm.generate([prompt], params, oprm=config, use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.generate(["w1 w2"], SamplingParams(max_tokens=2), use_tqdm=False)[0].finished
