@@ -7,7 +7,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11,<3.12",
-    packages=find_packages(include=["vllm_oprm", "vllm_oprm.*", "patches", "patches.*"]),
+    # patches/ is a top-level folder of the repository, installed as vllm_oprm.patches
+    packages=find_packages(include=["vllm_oprm", "vllm_oprm.*"]) + ["vllm_oprm.patches"],
+    package_dir={"vllm_oprm.patches": "patches"},
     install_requires=[
         "torch>=2.9",
         "transformers>=5.19,<6",

@@ -14,10 +14,10 @@ from vllm_oprm.testing import build_model_dir, words  # noqa: E402
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def mamba2(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("mamba2"))
-    model, tokenizer = build_model_dir("mamba2", path, seed=1)
+@pytest.fixture(scope="module", params=["mamba2", "falcon_mamba"])  # FalconMamba runs through patches/
+def mamba2(request, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp(request.param))
+    model, tokenizer = build_model_dir(request.param, path, seed=1)
     return path, OPRMGenerator(model, tokenizer)
 
 
@@ -30,7 +30,7 @@ def llm(mamba2):
         disable_log_stats=False,
     )
     yield engine
-    del engine
+    engine.llm.llm_engine.engine_core.shutdown()  # free the CPU before the next family's engine
 
 
 def prompts(seed, count, context_words=70):
@@ -144,3 +144,13 @@ def test_bad_requests_raise_before_reaching_the_engine(llm, params, config, prom
         llm.generate([prompt], params, oprm=config, use_tqdm=False)
     assert not llm.engine.has_unfinished_requests()
     assert llm.generate(["w1 w2"], SamplingParams(max_tokens=2), use_tqdm=False)[0].finished
+
+
+def test_mamba1_cpu_patch_is_version_gated(monkeypatch):
+    import vllm
+
+    from vllm_oprm.patches import vllm_0_32_cpu_mamba1
+
+    monkeypatch.setattr(vllm, "__version__", "0.33.0")
+    with pytest.raises(RuntimeError, match="targets vLLM 0.32.0, found 0.33.0"):
+        vllm_0_32_cpu_mamba1._check_version()
