@@ -53,10 +53,10 @@ def main() -> None:
     results = {}
 
     stock = LLM(**engine_args)
-    tok = stock.get_tokenizer()
-    plain = [{"prompt_token_ids": (lambda t: t.prefix_ids + t.context_ids + t.suffix_ids)(p.tokenize(tok))} for p in oprm_prompts]
+    tokenizer = stock.get_tokenizer()
+    plain = [{"prompt_token_ids": p.tokenize(tokenizer).vanilla_ids} for p in oprm_prompts]
     results["stock vLLM, plain"] = timed(lambda: stock.generate(plain, params, use_tqdm=False), args.repeats)
-    del stock
+    stock.llm_engine.engine_core.shutdown()
 
     oprm = OPRMLLM(**engine_args)
     results["OPRMLLM, plain"] = timed(lambda: oprm.generate(plain, params, use_tqdm=False), args.repeats)

@@ -84,7 +84,7 @@ def test_rows_are_prefix_chunk_suffix_and_context_that_fits_is_vanilla():
     rows = build_rows(tp, OPRMConfig(chunk_size=3))
     assert rows.rows == [[9, 10, 11, 12, 8], [9, 13, 14, 15, 8], [9, 16, 8]]
     single = build_rows(tp, OPRMConfig(chunk_size=7))
-    assert single.rows == [[9, *range(10, 17), 8]] and single.batches == [[0]]
+    assert single.rows == [tp.vanilla_ids] == [[9, *range(10, 17), 8]] and single.batches == [[0]]
 
 
 def test_last_mode_keeps_the_last_chunk_size_tokens():

@@ -49,8 +49,7 @@ def test_single_chunk_equals_vanilla_generate(family):
     _, model, tokenizer, gen = family
     prompt = long_prompt(tokenizer, seed=2, context_words=40)
     out = gen.generate(prompt, OPRMConfig(chunk_size=40), max_new_tokens=12, eos_token_id=NO_EOS)
-    tp = prompt.tokenize(tokenizer)
-    ids = tp.prefix_ids + tp.context_ids + tp.suffix_ids
+    ids = prompt.tokenize(tokenizer).vanilla_ids
     assert out.num_chunks == 1 and out.selected_chunk == 0
     assert out.token_ids == vanilla_greedy(model, ids, 12)
     assert out.text == tokenizer.decode(out.token_ids, skip_special_tokens=True)

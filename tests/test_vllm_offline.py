@@ -89,7 +89,7 @@ def test_single_chunk_equals_vanilla_vllm_and_mixed_batches_come_back_right(llm,
     tokenizer = llm.tokenizer
     oprm_prompts = prompts(seed=13, count=3, context_words=40)
     tps = [p.tokenize(tokenizer) for p in oprm_prompts]
-    plain = [{"prompt_token_ids": tp.prefix_ids + tp.context_ids + tp.suffix_ids} for tp in tps]
+    plain = [{"prompt_token_ids": tp.vanilla_ids} for tp in tps]
     mixed = llm.generate([oprm_prompts[0], plain[0], oprm_prompts[1], "w1 w2 w3", oprm_prompts[2], plain[1]],
                          GREEDY, oprm=OPRMConfig(chunk_size=40), use_tqdm=False)
     one_by_one = [llm.generate([p], GREEDY, use_tqdm=False)[0] for p in plain]

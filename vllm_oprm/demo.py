@@ -37,7 +37,7 @@ def main() -> None:
         prompt = OPRMPrompt(words(rng, 12), words(rng, args.context_words), words(rng, 8))
         params = SamplingParams(max_tokens=args.max_new_tokens, temperature=0.0)
         tokens = prompt.tokenize(llm.tokenizer)
-        vanilla_prompt = {"prompt_token_ids": tokens.prefix_ids + tokens.context_ids + tokens.suffix_ids}
+        vanilla_prompt = {"prompt_token_ids": tokens.vanilla_ids}
         runs = []
         for name, request, config in [
             ("vanilla", vanilla_prompt, None),

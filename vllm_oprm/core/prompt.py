@@ -49,6 +49,11 @@ class TokenizedPrompt:
     def context_ids(self) -> TokenIds:
         return [t for doc in self.documents for t in doc]
 
+    @property
+    def vanilla_ids(self) -> TokenIds:
+        """The whole prompt as one sequence: what a vanilla request sends."""
+        return self.prefix_ids + self.context_ids + self.suffix_ids
+
 
 @dataclass(frozen=True)
 class OPRMPrompt:
