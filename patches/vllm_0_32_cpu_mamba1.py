@@ -52,7 +52,7 @@ def selective_scan_torch(
         raise NotImplementedError("the CPU Mamba1 scan handles varlen batches without prefix caching only")
     B = B.reshape(-1, B.shape[-1]) if B.dim() == 3 else B
     C = C.reshape(-1, C.shape[-1]) if C.dim() == 3 else C
-    A, out = A.float(), torch.empty_like(u)
+    A, D, out = A.float(), None if D is None else D.float(), torch.empty_like(u)
     starts = query_start_loc.tolist()
     for seq, (start, end) in enumerate(zip(starts[:-1], starts[1:])):
         index = int(cache_indices[seq])
@@ -68,7 +68,7 @@ def selective_scan_torch(
         gate = None if z is None else z[:, start:end].float().T
         for t in range(end - start):
             state, y = _ssm_step(state, x[t : t + 1], dt[t : t + 1], A, b[t : t + 1], c[t : t + 1],
-                                 None if D is None else D.float(), None if gate is None else gate[t : t + 1])
+                                 D, None if gate is None else gate[t : t + 1])
             out[:, start + t] = y[0].to(out.dtype)
         ssm_states[index] = state[0].to(ssm_states.dtype)
     return out

@@ -75,6 +75,14 @@ def plan_batches(row_lengths: list[int], max_batch_tokens: int) -> list[list[int
     return batches
 
 
+def check_vocabulary(rows: list[TokenIds], vocab_size: int) -> None:
+    """A ValueError naming the first token id the model has no embedding for."""
+    for row in rows:
+        bad = next((t for t in row if t >= vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad} is outside the model's vocabulary ({vocab_size})")
+
+
 def build_rows(prompt: TokenizedPrompt, config: OPRMConfig) -> ChunkRows:
     """Lay out ``[P, C_i, S]`` for every chunk and plan their prefill batches."""
     rows = [prompt.prefix_ids + chunk + prompt.suffix_ids for chunk in context_chunks(prompt, config)]

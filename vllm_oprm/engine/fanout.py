@@ -45,9 +45,6 @@ class FanOut:
     def child_id(self, chunk: int) -> str:
         return f"{self._tag}-{chunk}"
 
-    def capture_key(self, chunk: int) -> str:
-        return self.child_id(chunk)
-
     def chunk_of(self, child_id: str) -> int:
         return int(child_id.rsplit("-", 1)[1])
 
@@ -100,10 +97,6 @@ class FanOut:
         return Actions(add=list(batch))
 
     # -- result ----------------------------------------------------------------
-
-    @property
-    def selected(self) -> int | None:
-        return self.selector.winner if self.selector.done else None
 
     def done(self) -> bool:
         if not self.selector.done:

@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
-from ..core import ChunkRows, OPRMConfig, OPRMPrompt, build_rows
+from ..core import ChunkRows, OPRMConfig, OPRMPrompt, build_rows, check_vocabulary
 
 
 def plan_request(prompt: OPRMPrompt, params, config: OPRMConfig, tokenizer, max_model_len: int) -> ChunkRows:
     """Chunk rows of one request, or a ValueError saying what is wrong with it."""
-    if config.mode != "summarize":
-        if getattr(params, "n", 1) != 1:
-            raise ValueError(f"n={params.n} is not supported with OPRM mode {config.mode!r}: one chunk answers")
-        best_of = getattr(params, "best_of", None)
-        if best_of not in (None, 1):
-            raise ValueError(f"best_of={best_of} is not supported with OPRM mode {config.mode!r}")
-    elif getattr(params, "n", 1) != 1:
-        raise ValueError(f"n={params.n} is not supported with OPRM mode 'summarize'")
+    if getattr(params, "n", 1) != 1:
+        raise ValueError(f"n={params.n} is not supported with OPRM mode {config.mode!r}: one sequence per chunk")
+    best_of = getattr(params, "best_of", None)
+    if config.mode != "summarize" and best_of not in (None, 1):
+        raise ValueError(f"best_of={best_of} is not supported with OPRM mode {config.mode!r}")
     layout = build_rows(prompt.tokenize(tokenizer), config)
-    vocab = len(tokenizer)
+    check_vocabulary(layout.rows, len(tokenizer))
     max_tokens = getattr(params, "max_tokens", None) or 0
     for row in layout.rows:
-        bad = next((t for t in row if t >= vocab), None)
-        if bad is not None:
-            raise ValueError(f"prompt token id {bad} is outside the vocabulary ({vocab})")
         if len(row) + max_tokens > max_model_len:
             raise ValueError(
                 f"a chunk row is {len(row)} tokens (prefix + chunk + suffix) and max_tokens is {max_tokens}, "

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 from tqdm import tqdm
 from vllm import LLM, SamplingParams
 from vllm.outputs import CompletionOutput, RequestOutput
+from vllm.sampling_params import RequestOutputKind
 
 from ..core import OPRMConfig, OPRMPrompt, Selection
 from .capture import CAPTURE_KEY, PROCESSOR, WORKER_EXTENSION
@@ -35,7 +36,7 @@ class OPRMLLM:
         self.llm = LLM(**llm_kwargs)
         self.engine = self.llm.llm_engine
         self.tokenizer = self.llm.get_tokenizer()
-        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        self.max_model_len = self.engine.model_config.max_model_len
 
     def generate(
         self,
@@ -108,7 +109,7 @@ class OPRMLLM:
             child_id = fanout.child_id(chunk)
             children[child_id] = index
             child_params = _streaming(params)
-            child_params.extra_args = {**(params.extra_args or {}), CAPTURE_KEY: fanout.capture_key(chunk)}
+            child_params.extra_args = {**(params.extra_args or {}), CAPTURE_KEY: child_id}
             self.engine.add_request(child_id, {"prompt_token_ids": fanout.rows[chunk]}, child_params)
 
     def _score(self, ready: list[int], active, children) -> None:
@@ -116,7 +117,7 @@ class OPRMLLM:
         if not ready:
             return
         wanted = {
-            active[index][0].capture_key(chunk): (index, chunk)
+            active[index][0].child_id(chunk): (index, chunk)
             for index in ready
             for chunk in active[index][0].awaiting_scores()
         }
@@ -133,8 +134,6 @@ class OPRMLLM:
 
 def _streaming(params: SamplingParams) -> SamplingParams:
     """A copy that reports every step (the first token must be seen as it comes)."""
-    from vllm.sampling_params import RequestOutputKind
-
     params = params.clone()
     params.output_kind = RequestOutputKind.CUMULATIVE
     return params

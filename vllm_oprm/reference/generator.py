@@ -6,7 +6,7 @@ from typing import Sequence, Union
 
 import torch
 
-from ..core import ChunkSelector, OPRMConfig, OPRMOutput, OPRMPrompt, build_rows, first_token_entropy
+from ..core import ChunkSelector, OPRMConfig, OPRMOutput, OPRMPrompt, build_rows, check_vocabulary, first_token_entropy
 from .states import FamilyBackend, RowState, backend_for
 
 
@@ -111,10 +111,7 @@ class OPRMGenerator:
         else:  # vanilla: the whole prompt is one row
             rows = [self._encode(prompt)]
             batches = [[0]]
-        for row in rows:
-            bad = [t for t in row if t >= self.vocab_size]
-            if bad:
-                raise ValueError(f"prompt token id {bad[0]} is outside the model's vocabulary ({self.vocab_size})")
+        check_vocabulary(rows, self.vocab_size)
         return rows, batches
 
     def _encode(self, prompt) -> list[int]:
