@@ -25,5 +25,7 @@ setup(
     },
     entry_points={
         "vllm.general_plugins": ["oprm = vllm_oprm.plugin:register"],
+        "vllm.endpoint_plugins": ["oprm = vllm_oprm.entrypoints.server:OPRMEndpoints"],
+        "console_scripts": ["vllm-oprm = vllm_oprm.entrypoints.cli:main"],
     },
 )

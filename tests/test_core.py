@@ -8,7 +8,16 @@ import pytest
 import torch
 
 from vllm_oprm import OPRMConfig, OPRMPrompt
-from vllm_oprm.core import ChunkSelector, build_rows, first_token_entropy, pack_documents, plan_batches, split_tokens
+from vllm_oprm.core import (
+    ChunkSelector,
+    build_rows,
+    defaults_from_env,
+    first_token_entropy,
+    pack_documents,
+    parse_options,
+    plan_batches,
+    split_tokens,
+)
 
 
 @pytest.mark.parametrize(
@@ -61,6 +70,52 @@ def test_parts_are_tokenized_separately_and_bos_only_in_prefix():
 def test_bad_prompt_parts_raise(prompt, message):
     with pytest.raises(ValueError, match=message):
         prompt.tokenize(SpaceTokenizer())
+
+
+def test_template_splits_at_the_one_placeholder_and_chat_prefix_can_skip_bos():
+    prompt = OPRMPrompt.from_template("10 11 {{context}} 30", "20 21")
+    assert (prompt.prefix, prompt.context, prompt.suffix) == ("10 11 ", "20 21", " 30")
+    assert prompt.tokenize(SpaceTokenizer(), add_special_tokens=False).prefix_ids == [10, 11]
+    for template, count in [("10 30", 0), ("{{context}} {{context}}", 2)]:
+        with pytest.raises(ValueError, match=f"exactly once, found {count}"):
+            OPRMPrompt.from_template(template, "20")
+
+
+def test_request_options_override_server_defaults():
+    context, config = parse_options(
+        {"context": ["20", "21"], "mode": "last", "idk": "4"}, {"chunk_size": 3, "mode": "summarize"}, SpaceTokenizer()
+    )
+    assert context == ["20", "21"]
+    assert (config.chunk_size, config.mode, config.idk_token_ids) == (3, "last", (4,))
+    assert parse_options({"context": "1", "idk": [4, 5]}, {}, SpaceTokenizer())[1].idk_token_ids == (4, 5)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ("x", "oprm must be an object"),
+        ({}, "oprm.context must be"),
+        ({"context": "  "}, "oprm.context is empty"),
+        ({"context": ["1", 2]}, "oprm.context must be"),
+        ({"context": "1", "chunk_size": -1}, "oprm.chunk_size must be a positive integer"),
+        ({"context": "1", "max_batch_tokens": True}, "oprm.max_batch_tokens"),
+        ({"context": "1", "mode": "all"}, "oprm.mode must be one of"),
+        ({"context": "1", "idk": "4 5"}, "oprm.idk '4 5' is 2 tokens"),
+        ({"context": "1", "idk": [True]}, "oprm.idk must be"),
+        ({"context": "1", "size": 3}, "unknown field.*size"),
+    ],
+)
+def test_bad_request_options_name_the_field(options, message):
+    with pytest.raises(ValueError, match=message):
+        parse_options(options, {}, SpaceTokenizer())
+
+
+def test_server_defaults_come_from_the_environment():
+    env = {"OPRM_CHUNK_SIZE": "1000", "OPRM_MODE": "summarize", "OPRM_IDK": "[4, 9]", "OPRM_MAX_BATCH_TOKENS": ""}
+    assert defaults_from_env(env) == {"chunk_size": 1000, "mode": "summarize", "idk": [4, 9]}
+    assert defaults_from_env({"OPRM_IDK": "Error"}) == {"idk": "Error"}
+    with pytest.raises(ValueError, match="OPRM_CHUNK_SIZE must be an integer"):
+        defaults_from_env({"OPRM_CHUNK_SIZE": "2k"})
 
 
 def test_text_without_tokenizer_raises():

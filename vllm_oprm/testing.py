@@ -1,4 +1,4 @@
-"""Tiny local models and a word-level tokenizer, for tests, the demo and benchmarks.
+"""Tiny local models, a word-level tokenizer and a local server, for tests, the demo and benchmarks.
 
 No hub is needed: every family is built from a small config with seeded random
 weights (spread out so that greedy decoding and entropies are not flat) and
@@ -7,7 +7,17 @@ saved as a normal Hugging Face model directory.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
 
 import torch
 
@@ -32,6 +42,8 @@ def build_tokenizer(path: str, num_words: int = 251):
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
     )
+    # A chat template for the server's /v1/chat/completions: BOS, then each message's words.
+    fast.chat_template = "{{ bos_token }}{% for message in messages %}{{ message['content'] }} {% endfor %}"
     fast.save_pretrained(path)
     return fast
 
@@ -95,3 +107,53 @@ def build_model_dir(family: str, path: str, seed: int = 0):
 def words(rng: torch.Generator, count: int, num_words: int = 251) -> str:
     """``count`` random vocabulary words joined by spaces."""
     return " ".join(f"w{i}" for i in torch.randint(0, num_words, (count,), generator=rng).tolist())
+
+
+def same_words(engine_text: str, reference_text: str) -> bool:
+    """vLLM detokenizes incrementally after the prompt, so the word-level tokenizer's
+    continuation starts with the space that joins it to the prompt."""
+    return engine_text.split() == reference_text.split()
+
+
+@contextlib.contextmanager
+def oprm_server(model_dir: str, *server_args: str, timeout_s: float = 300) -> Iterator[str]:
+    """``vllm-oprm serve MODEL`` on 127.0.0.1 and a free port; yields the base URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launcher = os.path.join(os.path.dirname(sys.executable), "vllm-oprm")
+    command = [launcher, "serve", model_dir, "--host", "127.0.0.1", "--port", str(port), *server_args]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    log = tempfile.NamedTemporaryFile("w+", prefix="vllm-oprm-server-", suffix=".log", delete=False)
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if process.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                tail = log.read()[-3000:]
+                raise RuntimeError(f"server did not come up (exit code {process.poll()}); log {log.name}:\n{tail}")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                time.sleep(1)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()
+
+
+def metric(url: str, name: str) -> float:
+    """Sum of a Prometheus metric's samples on the server's ``/metrics``."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))

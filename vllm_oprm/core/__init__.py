@@ -2,11 +2,13 @@
 
 from .chunking import ChunkRows, build_rows, check_vocabulary, pack_documents, plan_batches, split_tokens
 from .config import MODES, OPRMConfig
+from .options import ENV_DEFAULTS, defaults_from_env, parse_options
 from .output import OPRMOutput
-from .prompt import OPRMPrompt, TokenizedPrompt
+from .prompt import PLACEHOLDER, OPRMPrompt, TokenizedPrompt
 from .selection import ChunkSelector, Selection, first_token_entropy
 
 __all__ = [
-    "MODES", "ChunkRows", "ChunkSelector", "OPRMConfig", "OPRMOutput", "OPRMPrompt", "Selection",
-    "TokenizedPrompt", "build_rows", "check_vocabulary", "first_token_entropy", "pack_documents", "plan_batches", "split_tokens",
+    "ENV_DEFAULTS", "MODES", "PLACEHOLDER", "ChunkRows", "ChunkSelector", "OPRMConfig", "OPRMOutput", "OPRMPrompt", "Selection",
+    "TokenizedPrompt", "build_rows", "check_vocabulary", "defaults_from_env", "first_token_entropy",
+    "pack_documents", "parse_options", "plan_batches", "split_tokens",
 ]

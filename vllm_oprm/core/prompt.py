@@ -8,6 +8,7 @@ from typing import Protocol, Sequence, Union
 TokenIds = list[int]
 Part = Union[str, Sequence[int]]
 Context = Union[str, Sequence[int], Sequence[str], Sequence[Sequence[int]]]
+PLACEHOLDER = "{{context}}"  # where a server request's context goes in its prompt
 
 
 class Tokenizer(Protocol):
@@ -66,12 +67,23 @@ class OPRMPrompt:
     would; context and suffix get none.
     """
 
+    @classmethod
+    def from_template(cls, template: str, context: Context) -> "OPRMPrompt":
+        """Split ``template`` at its one ``{{context}}`` placeholder."""
+        count = template.count(PLACEHOLDER)
+        if count != 1:
+            raise ValueError(f"the prompt must contain the placeholder {PLACEHOLDER} exactly once, found {count}")
+        prefix, suffix = template.split(PLACEHOLDER)
+        return cls(prefix, context, suffix)
+
     prefix: Part
     context: Context
     suffix: Part
 
-    def tokenize(self, tokenizer: Tokenizer | None = None) -> TokenizedPrompt:
-        prefix_ids = _encode_part("prefix", self.prefix, tokenizer, add_special_tokens=True)
+    def tokenize(self, tokenizer: Tokenizer | None = None, add_special_tokens: bool = True) -> TokenizedPrompt:
+        """``add_special_tokens`` applies to the prefix only: False for a rendered
+        chat prompt, whose template already wrote them (as vLLM's chat API does)."""
+        prefix_ids = _encode_part("prefix", self.prefix, tokenizer, add_special_tokens=add_special_tokens)
         suffix_ids = _encode_part("suffix", self.suffix, tokenizer, add_special_tokens=False)
         context = self.context
         if isinstance(context, str) or _is_token_ids(context):

@@ -13,6 +13,8 @@ worker extension below: only (entropy, argmax) pairs travel.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
@@ -22,6 +24,20 @@ from ..core.selection import first_token_entropy
 CAPTURE_KEY = "oprm_capture"
 PROCESSOR = "vllm_oprm.engine.capture:FirstTokenEntropy"
 WORKER_EXTENSION = "vllm_oprm.engine.capture.OPRMWorkerExtension"
+
+V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
+
+
+def pin_v1_model_runner() -> None:
+    """Keep vLLM on the V1 model runner, whose logits-processor interface ours implements.
+
+    On CUDA, vLLM may default to Model Runner V2, which takes only V2-interface
+    processors; ours is verified on the V1 interface only (the one the CPU build
+    runs), so OPRM pins V1 unless the user set the variable. Set to 1, vLLM's V2
+    loader refuses our processor with an error at start-up.
+    """
+    os.environ.setdefault(V2_RUNNER_ENV, "0")
+
 
 # key -> (entropy, argmax); one dict per worker process, filled by the processor.
 _records: dict[str, tuple[float, int]] = {}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 from ..core import ChunkRows, ChunkSelector, OPRMConfig, Selection
 
@@ -74,6 +74,21 @@ class FanOut:
             return [c for c in batch if c not in self.scored]
         return []
 
+    def score_keys(self) -> list[str]:
+        """Capture keys of the chunks to score now (empty until a batch is complete)."""
+        return [self.child_id(c) for c in self.awaiting_scores()]
+
+    def on_records(self, records: Mapping[str, Sequence]) -> Actions:
+        """Score the awaiting chunks from the worker's ``key -> (entropy, argmax)`` records."""
+        keys = {chunk: self.child_id(chunk) for chunk in self.awaiting_scores()}
+        missing = [key for key in keys.values() if key not in records]
+        if missing:
+            raise RuntimeError(
+                f"no first-token record for chunk requests {missing[:3]}: "
+                "is vLLM running OPRM's logits processor and worker extension?"
+            )
+        return self.on_scores({chunk: tuple(records[key]) for chunk, key in keys.items()})
+
     def on_scores(self, scores: dict[int, tuple[float, int]]) -> Actions:
         """(entropy, argmax) for every chunk of the current batch."""
         for chunk, (entropy, argmax) in sorted(scores.items()):
@@ -113,3 +128,8 @@ class FanOut:
 
     def live_children(self) -> list[str]:
         return [self.child_id(c) for c in sorted(self.in_engine)]
+
+    def unscored_children(self) -> list[str]:
+        """Submitted chunks never scored: their records, if any, are still in the worker."""
+        submitted = [c for batch in self.batches[: self.next_batch] for c in batch]
+        return [self.child_id(c) for c in submitted if c not in self.scored]

@@ -5,14 +5,19 @@ from __future__ import annotations
 from ..core import ChunkRows, OPRMConfig, OPRMPrompt, build_rows, check_vocabulary
 
 
-def plan_request(prompt: OPRMPrompt, params, config: OPRMConfig, tokenizer, max_model_len: int) -> ChunkRows:
-    """Chunk rows of one request, or a ValueError saying what is wrong with it."""
+def plan_request(
+    prompt: OPRMPrompt, params, config: OPRMConfig, tokenizer, max_model_len: int, add_special_tokens: bool = True
+) -> ChunkRows:
+    """Chunk rows of one request, or a ValueError saying what is wrong with it.
+
+    ``params`` needs ``n``, ``best_of`` and ``max_tokens`` (SamplingParams or alike);
+    ``add_special_tokens`` is False for a rendered chat prompt."""
     if getattr(params, "n", 1) != 1:
         raise ValueError(f"n={params.n} is not supported with OPRM mode {config.mode!r}: one sequence per chunk")
     best_of = getattr(params, "best_of", None)
     if config.mode != "summarize" and best_of not in (None, 1):
         raise ValueError(f"best_of={best_of} is not supported with OPRM mode {config.mode!r}")
-    layout = build_rows(prompt.tokenize(tokenizer), config)
+    layout = build_rows(prompt.tokenize(tokenizer, add_special_tokens), config)
     check_vocabulary(layout.rows, len(tokenizer))
     max_tokens = getattr(params, "max_tokens", None) or 0
     for row in layout.rows:

@@ -7,11 +7,11 @@ from typing import Any, Sequence
 
 from tqdm import tqdm
 from vllm import LLM, SamplingParams
-from vllm.outputs import CompletionOutput, RequestOutput
-from vllm.sampling_params import RequestOutputKind
+from vllm.outputs import RequestOutput
 
-from ..core import OPRMConfig, OPRMPrompt, Selection
-from .capture import CAPTURE_KEY, PROCESSOR, WORKER_EXTENSION
+from ..core import OPRMConfig, OPRMPrompt
+from .capture import PROCESSOR, WORKER_EXTENSION, pin_v1_model_runner
+from .children import child_params, cumulative, parent_output
 from .fanout import Actions, FanOut
 from .layout import plan_request
 
@@ -33,6 +33,7 @@ class OPRMLLM:
         processors = list(llm_kwargs.pop("logits_processors", None) or [])
         llm_kwargs["logits_processors"] = [*processors, PROCESSOR]
         llm_kwargs.setdefault("worker_extension_cls", WORKER_EXTENSION)
+        pin_v1_model_runner()
         self.llm = LLM(**llm_kwargs)
         self.engine = self.llm.llm_engine
         self.tokenizer = self.llm.get_tokenizer()
@@ -68,7 +69,7 @@ class OPRMLLM:
                 request_id = f"oprm-{next(_serial)}"
                 if layout is None:
                     plain[request_id] = index
-                    self.engine.add_request(request_id, prompt, _streaming(params))
+                    self.engine.add_request(request_id, prompt, cumulative(params))
                 else:
                     active[index] = (FanOut(request_id, layout, oprm), params)
                     self._apply(index, active[index], active[index][0].start(), children)
@@ -85,12 +86,12 @@ class OPRMLLM:
                         fanout = active[index][0]
                         chunk = fanout.chunk_of(out.request_id)
                         fanout.on_output(chunk, out, len(out.outputs[0].token_ids), out.finished)
-                        if fanout.awaiting_scores():
+                        if fanout.score_keys():
                             ready.add(index)
                 self._score(sorted(ready), active, children)
                 for index in [i for i, (fanout, _) in active.items() if fanout.done()]:
                     fanout, _ = active.pop(index)
-                    results[index] = _parent_output(fanout)
+                    results[index] = parent_output(fanout)
                     bar.update(1)
         except BaseException:
             live = [cid for fanout, _ in active.values() for cid in fanout.live_children()] + list(plain)
@@ -108,56 +109,17 @@ class OPRMLLM:
         for chunk in actions.add:
             child_id = fanout.child_id(chunk)
             children[child_id] = index
-            child_params = _streaming(params)
-            child_params.extra_args = {**(params.extra_args or {}), CAPTURE_KEY: child_id}
-            self.engine.add_request(child_id, {"prompt_token_ids": fanout.rows[chunk]}, child_params)
+            self.engine.add_request(
+                child_id,
+                {"prompt_token_ids": fanout.rows[chunk]},
+                child_params(params, fanout, chunk, self.max_model_len),
+            )
 
     def _score(self, ready: list[int], active, children) -> None:
         """Fetch (entropy, argmax) of every ready batch in one worker round trip."""
         if not ready:
             return
-        wanted = {
-            active[index][0].child_id(chunk): (index, chunk)
-            for index in ready
-            for chunk in active[index][0].awaiting_scores()
-        }
-        records = self.llm.collective_rpc("oprm_take_first_tokens", args=(list(wanted),))[0]
-        missing = sorted(set(wanted) - set(records))
-        if missing:
-            raise RuntimeError(f"no first-token record for chunk requests {missing[:3]}")
-        scores: dict[int, dict[int, tuple[float, int]]] = {index: {} for index in ready}
-        for key, (index, chunk) in wanted.items():
-            scores[index][chunk] = tuple(records[key])
+        keys = [key for index in ready for key in active[index][0].score_keys()]
+        records = self.llm.collective_rpc("oprm_take_first_tokens", args=(keys,))[0]
         for index in ready:
-            self._apply(index, active[index], active[index][0].on_scores(scores[index]), children)
-
-
-def _streaming(params: SamplingParams) -> SamplingParams:
-    """A copy that reports every step (the first token must be seen as it comes)."""
-    params = params.clone()
-    params.output_kind = RequestOutputKind.CUMULATIVE
-    return params
-
-
-def _parent_output(fanout: FanOut) -> RequestOutput:
-    """The parent's ``RequestOutput``: the winner's, or every chunk's joined in order."""
-    selection: Selection = fanout.selection()
-    if fanout.summarize:
-        finals = [fanout.latest[c] for c in range(len(fanout.rows))]
-        completions = [f.outputs[0] for f in finals]
-        joined = CompletionOutput(
-            index=0,
-            text=fanout.config.summary_separator.join(c.text for c in completions),
-            token_ids=[t for c in completions for t in c.token_ids],
-            cumulative_logprob=None,
-            logprobs=None,
-            finish_reason=completions[-1].finish_reason,
-            stop_reason=completions[-1].stop_reason,
-        )
-        out = finals[-1]
-        out.outputs = [joined]
-    else:
-        out = fanout.latest[selection.selected_chunk]
-    out.request_id = fanout.parent_id
-    out.oprm = selection
-    return out
+            self._apply(index, active[index], active[index][0].on_records(records), children)

@@ -1,0 +1,40 @@
+"""The `vllm-oprm serve` launcher's argument handling (the server itself is in test_vllm_server.py)."""
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from vllm_oprm.engine.capture import PROCESSOR, WORKER_EXTENSION  # noqa: E402
+from vllm_oprm.entrypoints.cli import server_argv  # noqa: E402
+
+
+def test_serve_adds_oprm_to_vllms_arguments_and_environment():
+    env = {}
+    argv = server_argv(["serve", "/m", "--port", "8001", "--oprm-chunk-size", "500", "--oprm-idk", "Error"], env)
+    assert argv == [
+        "--model", "/m", "--port", "8001",
+        "--logits-processors", PROCESSOR, "--worker-extension-cls", WORKER_EXTENSION,
+    ]
+    assert env["OPRM_CHUNK_SIZE"] == "500" and env["OPRM_IDK"] == "Error"
+    assert "oprm" in env["VLLM_PLUGINS"].split(",")
+
+
+def test_serve_keeps_the_users_processors_and_plugin_allow_list():
+    env = {"VLLM_PLUGINS": "other"}
+    argv = server_argv(["serve", "/m", "--logits-processors=my.mod:Proc"], env)
+    assert argv[argv.index("--logits-processors") + 1 : argv.index("--logits-processors") + 3] == [PROCESSOR, "my.mod:Proc"]
+    assert env["VLLM_PLUGINS"] == "other,oprm"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "usage: vllm-oprm serve"),
+        (["run", "/m"], "usage: vllm-oprm serve"),
+        (["serve", "/m", "--worker-extension-cls", "my.Ext"], "needs --worker-extension-cls"),
+        (["serve", "/m", "--oprm-chunk-size", "big"], "OPRM_CHUNK_SIZE must be an integer"),
+    ],
+)
+def test_serve_rejects_what_cannot_work(argv, message):
+    with pytest.raises((SystemExit, ValueError), match=message):
+        server_argv(argv, {})

@@ -1,0 +1,238 @@
+"""OPRM through `vllm-oprm serve` (vLLM's OpenAI server, CPU build) with the `openai` client.
+
+Every OPRM answer is checked against the reference backend on the same model.
+"""
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+openai = pytest.importorskip("openai")
+
+from vllm_oprm import OPRMConfig, OPRMPrompt  # noqa: E402
+from vllm_oprm.reference import OPRMGenerator  # noqa: E402
+from vllm_oprm.testing import build_model_dir, metric, oprm_server, same_words, words  # noqa: E402
+
+CHUNK = 16  # the server default, set with --oprm-chunk-size
+MAX_MODEL_LEN = 2048
+GREEDY = {"max_tokens": 10, "temperature": 0.0}
+EXACT = {"ignore_eos": True, "return_token_ids": True}
+
+
+@pytest.fixture(scope="module", params=["mamba2", "falcon_mamba"])
+def server(request, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp(request.param))
+    model, tokenizer = build_model_dir(request.param, path, seed=1)
+    args = ["--dtype", "float32", "--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "16"]
+    with oprm_server(path, *args, "--oprm-chunk-size", str(CHUNK)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        yield url, client, path, OPRMGenerator(model, tokenizer)
+        assert metric(url, "vllm:num_requests_running") == 0  # nothing left holding a state slot
+        assert metric(url, "vllm:num_requests_waiting") == 0
+
+
+def layout(seed, context_words=70):
+    rng = torch.Generator().manual_seed(seed)
+    return words(rng, 5), words(rng, context_words), words(rng, 4)
+
+
+def template(prefix, suffix):
+    return f"{prefix} {{{{context}}}} {suffix}"
+
+
+def complete(server, prefix, context, suffix, oprm=None, **kwargs):
+    _, client, path, _ = server
+    extra = {**EXACT, "oprm": {"context": context, **(oprm or {})}}
+    return client.completions.create(
+        model=path, prompt=template(prefix, suffix), **{**GREEDY, **kwargs}, extra_body=extra
+    )
+
+
+def reference(server, prefix, context, suffix, **config):
+    config = OPRMConfig(**{"chunk_size": CHUNK, **config})
+    return server[3].generate(OPRMPrompt(prefix, context, suffix), config, max_new_tokens=10, eos_token_id=-1)
+
+
+def assert_matches(choice, selection, ref):
+    assert choice.token_ids == ref.token_ids
+    assert same_words(choice.text if hasattr(choice, "text") else choice.message.content, ref.text)
+    assert (selection["num_chunks"], selection["selected_chunk"]) == (ref.num_chunks, ref.selected_chunk)
+    assert selection["entropies"] == pytest.approx(ref.entropies, abs=1e-4)
+
+
+@pytest.mark.parametrize("budget", [26, 60, 100_000])  # one row per batch, two rows, all rows
+def test_completion_select_equals_reference(server, budget):
+    parts = layout(seed=budget)
+    out = complete(server, *parts, oprm={"max_batch_tokens": budget})
+    ref = reference(server, *parts, max_batch_tokens=budget)
+    assert ref.num_chunks == 5
+    assert_matches(out.choices[0], out.oprm, ref)
+
+
+@pytest.mark.parametrize("mode", ["summarize", "last"])
+def test_completion_modes_equal_reference(server, mode):
+    parts = layout(seed=7)
+    out = complete(server, *parts, oprm={"mode": mode})
+    ref = reference(server, *parts, mode=mode)
+    assert_matches(out.choices[0], out.oprm, ref)
+    if mode == "summarize":
+        assert out.choices[0].text.count("\n") == ref.num_chunks - 1
+
+
+def test_idk_text_drops_chunks(server):
+    parts = layout(seed=3)
+    plain = reference(server, *parts)
+    # Make the winner's first token the IDK word: its chunk must drop out of the selection.
+    idk_word = server[3].tokenizer.decode([plain.token_ids[0]])
+    out = complete(server, *parts, oprm={"idk": idk_word})
+    ref = reference(server, *parts, idk_token_ids=(plain.token_ids[0],))
+    assert ref.selected_chunk != plain.selected_chunk or ref.num_chunks == 1
+    assert_matches(out.choices[0], out.oprm, ref)
+
+
+def test_single_chunk_equals_vanilla(server):
+    prefix, context, suffix = layout(seed=11, context_words=CHUNK - 3)
+    out = complete(server, prefix, context, suffix)
+    _, client, path, _ = server
+    vanilla = client.completions.create(model=path, prompt=f"{prefix} {context} {suffix}", **GREEDY, extra_body=EXACT)
+    assert out.oprm["num_chunks"] == 1
+    assert out.choices[0].token_ids == vanilla.choices[0].token_ids
+    assert out.choices[0].text == vanilla.choices[0].text
+    assert out.usage.prompt_tokens == vanilla.usage.prompt_tokens
+    assert "oprm" not in vanilla.model_extra
+
+
+@pytest.mark.parametrize("mode", ["select", "summarize"])
+def test_streaming_equals_non_streaming(server, mode):
+    parts = layout(seed=5)
+    whole = complete(server, *parts, oprm={"mode": mode})
+    events = list(complete(server, *parts, oprm={"mode": mode}, stream=True))
+    text = "".join(event.choices[0].text for event in events if event.choices)
+    assert text == whole.choices[0].text
+    assert [t for e in events if e.choices for t in e.choices[0].token_ids or []] == whole.choices[0].token_ids
+    assert all(event.oprm == whole.oprm for event in events)
+
+
+def test_chat_equals_reference_and_streams(server):
+    prefix, context, suffix = layout(seed=9)
+    _, client, path, _ = server
+    request = {
+        "model": path,
+        "messages": [{"role": "user", "content": template(prefix, suffix)}],
+        **GREEDY,
+        "extra_body": {**EXACT, "oprm": {"context": context, "max_batch_tokens": 60}},
+    }
+    out = client.chat.completions.create(**request)
+    ref = reference(server, prefix, context, suffix, max_batch_tokens=60)  # template: <bos> + content
+    assert_matches(out.choices[0], out.oprm, ref)
+    events = list(client.chat.completions.create(**request, stream=True))
+    streamed = "".join(e.choices[0].delta.content or "" for e in events if e.choices)
+    assert streamed == out.choices[0].message.content
+    assert events[-1].oprm == out.oprm
+
+
+def test_concurrent_oprm_and_plain_requests(server):
+    _, client, path, _ = server
+    jobs = [("oprm", layout(seed=20 + i), mode) for i, mode in enumerate(["select", "summarize", "select", "last"])]
+    plain_prompts = [" ".join(layout(seed=30 + i)) for i in range(3)]
+    expected_plain = [
+        client.completions.create(model=path, prompt=p, **GREEDY, extra_body=EXACT).choices[0].token_ids
+        for p in plain_prompts
+    ]
+
+    def run_oprm(job):
+        _, parts, mode = job
+        return complete(server, *parts, oprm={"mode": mode})
+
+    def run_plain(prompt):
+        return client.completions.create(model=path, prompt=prompt, **GREEDY, extra_body=EXACT).choices[0].token_ids
+
+    with ThreadPoolExecutor(len(jobs) + len(plain_prompts)) as pool:
+        oprm_futures = [pool.submit(run_oprm, job) for job in jobs]
+        plain_futures = [pool.submit(run_plain, p) for p in plain_prompts]
+        for (_, parts, mode), future in zip(jobs, oprm_futures):
+            out = future.result()
+            assert_matches(out.choices[0], out.oprm, reference(server, *parts, mode=mode))
+        assert [f.result() for f in plain_futures] == expected_plain
+
+
+def test_one_slot_while_decoding_and_disconnect_aborts(server):
+    url = server[0]
+    generated_before = metric(url, "vllm:generation_tokens_total")
+    stream = complete(server, *layout(seed=13), max_tokens=MAX_MODEL_LEN - 64, stream=True)
+    for number, _ in enumerate(stream):
+        if number == 2:  # selection made, the winner is decoding
+            assert metric(url, "vllm:num_requests_running") == 1  # 5 chunks prefilled, 4 aborted
+            break
+    stream.close()  # the client goes away mid-request
+    deadline = time.monotonic() + 20
+    while metric(url, "vllm:num_requests_running") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert metric(url, "vllm:num_requests_running") == 0
+    assert metric(url, "vllm:generation_tokens_total") - generated_before < MAX_MODEL_LEN // 2
+
+
+BAD_REQUESTS = [
+    ("no placeholder", {"prompt": "w1 w2"}, {}, "exactly once, found 0"),
+    ("two placeholders", {"prompt": "{{context}} w1 {{context}}"}, {}, "exactly once, found 2"),
+    ("prompt list", {"prompt": ["w1 {{context}}"]}, {}, "one string"),
+    ("empty context", {}, {"context": ""}, "context is empty"),
+    ("context of numbers", {}, {"context": [1, 2]}, "oprm.context must be"),
+    ("zero chunk size", {}, {"chunk_size": 0}, "oprm.chunk_size must be a positive integer"),
+    ("text chunk size", {}, {"chunk_size": "big"}, "oprm.chunk_size"),
+    ("unknown mode", {}, {"mode": "vote"}, "oprm.mode must be one of"),
+    ("two-token idk", {}, {"idk": "w1 w2"}, "exactly one token"),
+    ("negative idk id", {}, {"idk": [-1]}, "oprm.idk"),
+    ("idk number", {}, {"idk": 4}, "oprm.idk"),
+    ("zero budget", {}, {"max_batch_tokens": 0}, "oprm.max_batch_tokens"),
+    ("budget below one row", {}, {"max_batch_tokens": 5}, "max_batch_tokens"),
+    ("unknown field", {}, {"chunks": 3}, "unknown field(s) chunks"),
+    ("n > 1", {"n": 2}, {}, "n=2"),
+    ("max_tokens past the model", {"max_tokens": MAX_MODEL_LEN}, {}, "max_model_len"),
+    ("prefix too long", {"prompt": "w1 " * MAX_MODEL_LEN + "{{context}} w2"}, {}, "max_model_len"),
+    ("echo", {"echo": True}, {}, "echo is not supported"),
+    ("beam search", {"use_beam_search": True}, {}, "use_beam_search is not supported"),
+    ("streaming, bad mode", {"stream": True}, {"mode": "vote"}, "oprm.mode"),
+]
+
+
+@pytest.mark.parametrize("name,request_fields,oprm_fields,message", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_completion_request_is_400(server, name, request_fields, oprm_fields, message):
+    _, client, path, _ = server
+    fields = dict(request_fields)
+    stream = fields.pop("stream", False)
+    body = {"prompt": "w1 {{context}} w2", **fields, "oprm": {"context": "w3 w4 w5", **oprm_fields}}
+    with pytest.raises(openai.BadRequestError) as error:
+        client.completions.create(model=path, prompt="", max_tokens=4, stream=stream, extra_body=body)
+    assert message in error.value.message
+
+
+@pytest.mark.parametrize(
+    "oprm,fields,message",
+    [
+        ("not an object", {}, "oprm must be an object"),
+        ({"context": "w3"}, {"content": "w1 w2"}, "exactly once, found 0"),
+        ({"context": "w3"}, {"n": 2}, "n=2"),
+    ],
+)
+def test_bad_chat_request_is_400(server, oprm, fields, message):
+    _, client, path, _ = server
+    fields = dict(fields)
+    content = fields.pop("content", "w1 {{context}} w2")
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(
+            model=path, messages=[{"role": "user", "content": content}], max_tokens=4, **fields,
+            extra_body={"oprm": oprm},
+        )
+    assert message in error.value.message
+
+
+def test_serving_goes_on_after_bad_requests(server):
+    parts = layout(seed=17)
+    out = complete(server, *parts)
+    assert_matches(out.choices[0], out.oprm, reference(server, *parts))
+    assert metric(server[0], "vllm:num_requests_running") == 0
+

@@ -1,0 +1,85 @@
+"""The ``oprm`` object of a server request, and the server-wide defaults behind it."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+from .config import OPRMConfig
+from .prompt import Context, Tokenizer
+
+FIELDS = ("context", "chunk_size", "mode", "idk", "max_batch_tokens")
+# Server-wide defaults; `vllm-oprm serve --oprm-chunk-size N` etc. set these.
+ENV_DEFAULTS = {
+    "chunk_size": "OPRM_CHUNK_SIZE",
+    "max_batch_tokens": "OPRM_MAX_BATCH_TOKENS",
+    "mode": "OPRM_MODE",
+    "idk": "OPRM_IDK",  # a one-token text, or a JSON list of token ids
+}
+
+
+def defaults_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Option defaults from ``OPRM_*`` variables; a bad value is a ValueError naming it."""
+    environ = os.environ if environ is None else environ
+    defaults: dict[str, Any] = {}
+    for name, variable in ENV_DEFAULTS.items():
+        raw = environ.get(variable, "").strip()
+        if not raw:
+            continue
+        if name in ("chunk_size", "max_batch_tokens"):
+            try:
+                defaults[name] = int(raw)
+            except ValueError:
+                raise ValueError(f"{variable} must be an integer, got {raw!r}") from None
+        elif name == "idk" and raw.startswith("["):
+            try:
+                defaults[name] = json.loads(raw)
+            except json.JSONDecodeError:
+                raise ValueError(f"{variable} is neither a word nor a JSON list of token ids: {raw!r}") from None
+        else:
+            defaults[name] = raw
+    return defaults
+
+
+def parse_options(options: Any, defaults: Mapping[str, Any], tokenizer: Tokenizer) -> tuple[Context, OPRMConfig]:
+    """The context and ``OPRMConfig`` of one request: its ``oprm`` fields over ``defaults``.
+
+    Every problem is a ValueError whose message starts with the field, e.g.
+    ``oprm.chunk_size must be a positive integer, got 0``.
+    """
+    if not isinstance(options, dict):
+        raise ValueError(f"oprm must be an object with fields {', '.join(FIELDS)}; got {type(options).__name__}")
+    unknown = sorted(set(options) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"oprm has unknown field(s) {', '.join(unknown)}; known: {', '.join(FIELDS)}")
+    merged = {**defaults, **{key: value for key, value in options.items() if value is not None}}
+    context = merged.get("context")
+    if isinstance(context, str):
+        if not context.strip():
+            raise ValueError("oprm.context is empty")
+    elif not (isinstance(context, list) and context and all(isinstance(doc, str) for doc in context)):
+        raise ValueError(f"oprm.context must be a string or a non-empty list of strings, got {context!r:.60}")
+    try:
+        config = OPRMConfig(
+            chunk_size=merged.get("chunk_size", OPRMConfig.chunk_size),
+            max_batch_tokens=merged.get("max_batch_tokens", OPRMConfig.max_batch_tokens),
+            mode=merged.get("mode", OPRMConfig.mode),
+            idk_token_ids=_idk_token_ids(merged.get("idk"), tokenizer),
+        )
+    except ValueError as error:
+        raise ValueError(f"oprm.{error}") from None
+    return context, config
+
+
+def _idk_token_ids(idk: Any, tokenizer: Tokenizer) -> tuple[int, ...]:
+    if idk is None:
+        return ()
+    if isinstance(idk, str):
+        ids = tokenizer.encode(idk, add_special_tokens=False)
+        if len(ids) != 1:
+            raise ValueError(f"idk {idk!r} is {len(ids)} tokens {ids}; it must be exactly one token, or a list of token ids")
+        return tuple(ids)
+    if isinstance(idk, list) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in idk):
+        return tuple(idk)
+    raise ValueError(f"idk must be a one-token string or a list of non-negative token ids, got {idk!r:.60}")

@@ -1,0 +1,1 @@
+"""Entry points: the OpenAI-compatible server plugin and the `vllm-oprm` launcher."""
