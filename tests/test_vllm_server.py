@@ -27,7 +27,8 @@ def server(request, tmp_path_factory):
     path = str(tmp_path_factory.mktemp(request.param))
     model, tokenizer = build_model_dir(request.param, path, seed=1)
     args = ["--dtype", "float32", "--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "16"]
-    with oprm_server(path, *args, "--oprm-chunk-size", str(CHUNK)) as url:
+    with oprm_server(path, *args, "--oprm-chunk-size", str(CHUNK)) as running:
+        url = running.url
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         yield url, client, path, OPRMGenerator(model, tokenizer)
         assert metric(url, "vllm:num_requests_running") == 0  # nothing left holding a state slot
@@ -159,9 +160,27 @@ def test_concurrent_oprm_and_plain_requests(server):
         assert [f.result() for f in plain_futures] == expected_plain
 
 
+def test_oprm_metrics_count_requests_chunks_and_entropy(server):
+    url = server[0]
+    before = {name: metric(url, name) for name in (
+        "oprm_chunks_per_request_count", "oprm_chunks_per_request_sum", "oprm_selected_entropy_nats_sum",
+        "oprm_aborted_chunks_total",
+    )}
+    finished = metric(url, "oprm_requests_total", mode="select", outcome="finished")
+    out = complete(server, *layout(seed=19), oprm={"max_batch_tokens": 100_000})
+    assert metric(url, "oprm_requests_total", mode="select", outcome="finished") == finished + 1
+    assert metric(url, "oprm_chunks_per_request_count") == before["oprm_chunks_per_request_count"] + 1
+    assert metric(url, "oprm_chunks_per_request_sum") == before["oprm_chunks_per_request_sum"] + 5
+    assert metric(url, "oprm_aborted_chunks_total") == before["oprm_aborted_chunks_total"] + 4  # the losers
+    chosen_entropy = out.oprm["entropies"][out.oprm["selected_chunk"]]
+    added = metric(url, "oprm_selected_entropy_nats_sum") - before["oprm_selected_entropy_nats_sum"]
+    assert added == pytest.approx(chosen_entropy, abs=1e-4)
+
+
 def test_one_slot_while_decoding_and_disconnect_aborts(server):
     url = server[0]
     generated_before = metric(url, "vllm:generation_tokens_total")
+    abandoned = metric(url, "oprm_requests_total", outcome="abandoned")
     stream = complete(server, *layout(seed=13), max_tokens=MAX_MODEL_LEN - 64, stream=True)
     for number, _ in enumerate(stream):
         if number == 2:  # selection made, the winner is decoding
@@ -169,10 +188,13 @@ def test_one_slot_while_decoding_and_disconnect_aborts(server):
             break
     stream.close()  # the client goes away mid-request
     deadline = time.monotonic() + 20
-    while metric(url, "vllm:num_requests_running") and time.monotonic() < deadline:
+    while time.monotonic() < deadline and (
+        metric(url, "vllm:num_requests_running") or metric(url, "oprm_requests_total", outcome="abandoned") == abandoned
+    ):
         time.sleep(0.1)
     assert metric(url, "vllm:num_requests_running") == 0
     assert metric(url, "vllm:generation_tokens_total") - generated_before < MAX_MODEL_LEN // 2
+    assert metric(url, "oprm_requests_total", outcome="abandoned") == abandoned + 1
 
 
 BAD_REQUESTS = [
@@ -196,6 +218,12 @@ BAD_REQUESTS = [
     ("echo", {"echo": True}, {}, "echo is not supported"),
     ("beam search", {"use_beam_search": True}, {}, "use_beam_search is not supported"),
     ("streaming, bad mode", {"stream": True}, {"mode": "vote"}, "oprm.mode"),
+    ("1M-token context", {}, {"context": "w7 " * 1_000_000}, "over this server's limit of 256"),
+    ("idk id outside the vocabulary", {}, {"idk": [10**6]}, "outside the vocabulary"),
+    ("fractional budget", {}, {"max_batch_tokens": 1.5}, "oprm.max_batch_tokens"),
+    ("context object", {}, {"context": {"text": "w1"}}, "oprm.context must be"),
+    ("prompt of token ids", {"prompt": [5, 6, 7]}, {}, "one string"),
+    ("negative temperature", {"temperature": -1.0}, {}, "temperature"),
 ]
 
 
@@ -228,6 +256,19 @@ def test_bad_chat_request_is_400(server, oprm, fields, message):
             extra_body={"oprm": oprm},
         )
     assert message in error.value.message
+
+
+def test_non_utf8_body_is_400(server):
+    import urllib.error
+    import urllib.request
+
+    body = b'{"model": "m", "prompt": "w1 {{context}} \xff\xfe", "oprm": {"context": "w2"}}'
+    request = urllib.request.Request(
+        server[0] + "/v1/completions", data=body, headers={"Content-Type": "application/json"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen(request, timeout=30)
+    assert error.value.code == 400
 
 
 def test_serving_goes_on_after_bad_requests(server):

@@ -18,6 +18,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -48,7 +49,8 @@ def build_tokenizer(path: str, num_words: int = 251):
     return fast
 
 
-def _config(family: str, vocab_size: int):
+def tiny_config(family: str, vocab_size: int):
+    """The tiny transformers config of ``family`` used by tests, the demo and the AR benchmark."""
     import transformers as tf
 
     ids = dict(vocab_size=vocab_size, tie_word_embeddings=False, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
@@ -84,7 +86,7 @@ def build_model(family: str, path: str, vocab_size: int, seed: int = 0):
     else:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_config(_config(family, vocab_size)).eval()
+        model = AutoModelForCausalLM.from_config(tiny_config(family, vocab_size)).eval()
         with torch.no_grad():  # spread random weights out so tokens and entropies vary
             for module in model.modules():
                 if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
@@ -115,9 +117,15 @@ def same_words(engine_text: str, reference_text: str) -> bool:
     return engine_text.split() == reference_text.split()
 
 
+@dataclass(frozen=True)
+class Server:
+    url: str  # http://127.0.0.1:PORT
+    pid: int  # the launcher's process; the engine processes are its descendants
+
+
 @contextlib.contextmanager
-def oprm_server(model_dir: str, *server_args: str, timeout_s: float = 300) -> Iterator[str]:
-    """``vllm-oprm serve MODEL`` on 127.0.0.1 and a free port; yields the base URL."""
+def oprm_server(model_dir: str, *server_args: str, timeout_s: float = 300) -> Iterator[Server]:
+    """``vllm-oprm serve MODEL`` on 127.0.0.1 and a free port, stopped on exit."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -140,7 +148,7 @@ def oprm_server(model_dir: str, *server_args: str, timeout_s: float = 300) -> It
                         break
             except OSError:
                 time.sleep(1)
-        yield url
+        yield Server(url, process.pid)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
@@ -152,8 +160,12 @@ def oprm_server(model_dir: str, *server_args: str, timeout_s: float = 300) -> It
         log.close()
 
 
-def metric(url: str, name: str) -> float:
-    """Sum of a Prometheus metric's samples on the server's ``/metrics``."""
+def metric(url: str, name: str, **labels: str) -> float:
+    """Sum of a Prometheus metric's samples on the server's ``/metrics`` that carry ``labels``."""
     with urllib.request.urlopen(url + "/metrics", timeout=10) as reply:
         text = reply.read().decode()
-    return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+    total = 0.0
+    for found, value in re.findall(rf"^{re.escape(name)}(?:{{([^}}]*)}})? (\S+)$", text, re.M):
+        if all(f'{key}="{wanted}"' in found for key, wanted in labels.items()):
+            total += float(value)
+    return total

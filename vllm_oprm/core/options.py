@@ -10,13 +10,17 @@ from .config import OPRMConfig
 from .prompt import Context, Tokenizer
 
 FIELDS = ("context", "chunk_size", "mode", "idk", "max_batch_tokens")
-# Server-wide defaults; `vllm-oprm serve --oprm-chunk-size N` etc. set these.
+# Server-wide settings; `vllm-oprm serve --oprm-chunk-size N` etc. set these. All but
+# max_chunks are defaults a request's `oprm` fields override.
 ENV_DEFAULTS = {
     "chunk_size": "OPRM_CHUNK_SIZE",
     "max_batch_tokens": "OPRM_MAX_BATCH_TOKENS",
     "mode": "OPRM_MODE",
     "idk": "OPRM_IDK",  # a one-token text, or a JSON list of token ids
+    "max_chunks": "OPRM_MAX_CHUNKS",  # the most chunk requests one request may become
 }
+INTEGER_SETTINGS = ("chunk_size", "max_batch_tokens", "max_chunks")
+MAX_CHUNKS = 256  # with the paper's L=2000: contexts up to 512k tokens
 
 
 def defaults_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -27,7 +31,7 @@ def defaults_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any
         raw = environ.get(variable, "").strip()
         if not raw:
             continue
-        if name in ("chunk_size", "max_batch_tokens"):
+        if name in INTEGER_SETTINGS:
             try:
                 defaults[name] = int(raw)
             except ValueError:

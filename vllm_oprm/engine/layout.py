@@ -19,6 +19,9 @@ def plan_request(
         raise ValueError(f"best_of={best_of} is not supported with OPRM mode {config.mode!r}")
     layout = build_rows(prompt.tokenize(tokenizer, add_special_tokens), config)
     check_vocabulary(layout.rows, len(tokenizer))
+    outside = [t for t in config.idk_token_ids if t >= len(tokenizer)]
+    if outside:
+        raise ValueError(f"idk token ids {outside} are outside the vocabulary of {len(tokenizer)} tokens")
     max_tokens = getattr(params, "max_tokens", None) or 0
     for row in layout.rows:
         if len(row) + max_tokens > max_model_len:

@@ -25,6 +25,7 @@ from vllm.sampling_params import RequestOutputKind
 from ..core import ChunkRows, OPRMConfig, Selection
 from .children import child_params, parent_output
 from .fanout import Actions, FanOut
+from .metrics import ABORTED_CHUNKS, record_request
 
 
 @dataclasses.dataclass
@@ -76,6 +77,7 @@ class OPRMEngineClient:
                 for chunk in actions.abort:
                     pumps.pop(chunk).cancel()
                 await self._client.abort([fanout.child_id(c) for c in actions.abort])
+                ABORTED_CHUNKS.inc(len(actions.abort))
             for chunk in actions.add:
                 row = {"prompt_token_ids": fanout.rows[chunk]}
                 params_c = child_params(params, fanout, chunk, job.max_model_len)
@@ -105,7 +107,10 @@ class OPRMEngineClient:
             for task in pumps.values():
                 task.cancel()
             if fanout.live_children():
+                ABORTED_CHUNKS.inc(len(fanout.live_children()))
                 await self._client.abort(fanout.live_children())
+            outcome = "finished" if fanout.done() else "abandoned"  # the caller went away, or an error
+            record_request(parent_id, job.config.mode, job.selection, len(fanout.rows), outcome)
             if fanout.unscored_children():  # drop first-token records nobody will read
                 await self._client.collective_rpc("oprm_take_first_tokens", args=(fanout.unscored_children(),))
 

@@ -32,6 +32,7 @@ from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.entrypoints.serve.utils.api_utils import validate_json_request
 
 from ..core import OPRMPrompt, Selection, defaults_from_env, parse_options
+from ..core.options import MAX_CHUNKS
 from ..engine.capture import PROCESSOR, WORKER_EXTENSION
 from ..engine.layout import plan_request
 from ..engine.online import OPRMEngineClient, OPRMJob, current_job
@@ -108,6 +109,11 @@ def _plan(request, template: str, options: Any, state) -> OPRMJob:
     limits = SimpleNamespace(n=request.n or 1, best_of=getattr(request, "best_of", None), max_tokens=max_tokens)
     prompt = OPRMPrompt.from_template(template, context)
     layout = plan_request(prompt, limits, config, oprm.tokenizer, oprm.max_model_len, request.add_special_tokens)
+    if layout.num_chunks > oprm.max_chunks:
+        raise ValueError(
+            f"the context makes {layout.num_chunks} chunks of {config.chunk_size} tokens, over this server's limit "
+            f"of {oprm.max_chunks} (--oprm-max-chunks); send a larger chunk_size or a shorter context"
+        )
     return OPRMJob(layout, config, oprm.max_model_len)
 
 
@@ -153,10 +159,13 @@ def _event_with_selection(event: str, selection: Selection) -> str:
 
 
 class OPRMServerState:
-    """Per-app settings: server-wide option defaults, the tokenizer, the length limit."""
+    """Per-app settings: server-wide option defaults and limits, the tokenizer."""
 
     def __init__(self, defaults: dict[str, Any], tokenizer: Any, max_model_len: int):
         self.defaults = defaults
+        self.max_chunks = defaults.pop("max_chunks", MAX_CHUNKS)
+        if self.max_chunks <= 0:
+            raise ValueError(f"OPRM_MAX_CHUNKS must be positive, got {self.max_chunks}")
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
 
@@ -184,6 +193,5 @@ class OPRMEndpoints:
         for serving in servings:
             serving.engine_client = OPRMEngineClient(serving.engine_client)
         tokenizer = servings[0].renderer.tokenizer
-        defaults = defaults_from_env()
-        parse_options({**defaults, "context": "-"}, {}, tokenizer)  # a bad server default fails at start
-        state.oprm = OPRMServerState(defaults, tokenizer, engine_client.model_config.max_model_len)
+        state.oprm = OPRMServerState(defaults_from_env(), tokenizer, engine_client.model_config.max_model_len)
+        parse_options({"context": "-"}, state.oprm.defaults, tokenizer)  # a bad server default fails at start
