@@ -14,7 +14,7 @@ from vllm_oprm.testing import build_model_dir, same_words, words  # noqa: E402
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 
 
-@pytest.fixture(scope="module", params=["mamba2", "falcon_mamba"])  # FalconMamba runs through patches/
+@pytest.fixture(scope="module", params=["mamba2", "falcon_mamba", "rwkv6"])  # FalconMamba: patches/; RWKV6: models/
 def mamba2(request, tmp_path_factory):
     path = str(tmp_path_factory.mktemp(request.param))
     model, tokenizer = build_model_dir(request.param, path, seed=1)

@@ -1,10 +1,11 @@
 """vLLM general plugin: runs in every vLLM process, so it stays cheap and idempotent.
 
 Installing the package is enough: vLLM calls ``register()`` through the
-``vllm.general_plugins`` entry point. Requests without OPRM options are
-untouched; OPRM's entropy processor and worker extension are added only by
-``OPRMLLM``. On the CPU platform of vLLM 0.32.0 it applies the Mamba1 fix in
-``patches/`` so Mamba / FalconMamba run there.
+``vllm.general_plugins`` entry point. It registers the model classes vLLM lacks
+(lazily, as ``"module:Class"`` strings) with their Hugging Face config classes,
+and on the CPU platform of vLLM 0.32.0 applies the Mamba1 fix in ``patches/``.
+Requests without OPRM options are untouched; OPRM's entropy processor and
+worker extension are added only by ``OPRMLLM`` and ``vllm-oprm serve``.
 """
 
 from __future__ import annotations
@@ -14,19 +15,31 @@ import logging
 logger = logging.getLogger(__name__)
 _registered = False
 
+MODELS = {"Rwkv6ForCausalLM": "vllm_oprm.models.rwkv6:Rwkv6ForCausalLM"}
+
 
 def register() -> None:
     global _registered
     if _registered:
         return
     _registered = True
+    import vllm
+    from transformers import AutoConfig
+    from vllm import ModelRegistry
     from vllm.platforms import current_platform
 
+    from vllm_oprm.models.rwkv6_config import Rwkv6HFConfig
+    from vllm_oprm.patches import vllm_0_32_cpu_mamba1, vllm_0_32_model_configs
+
+    if vllm.__version__ == vllm_0_32_model_configs.TARGET_VLLM:
+        AutoConfig.register(Rwkv6HFConfig.model_type, Rwkv6HFConfig, exist_ok=True)
+        vllm_0_32_model_configs.apply(list(MODELS))
+        for architecture, path in MODELS.items():
+            ModelRegistry.register_model(architecture, path)
+    else:
+        logger.warning("vllm-oprm: model classes %s not registered on vLLM %s", list(MODELS), vllm.__version__)
+
     if current_platform.is_cpu():
-        import vllm
-
-        from vllm_oprm.patches import vllm_0_32_cpu_mamba1
-
         if vllm.__version__ == vllm_0_32_cpu_mamba1.TARGET_VLLM:
             vllm_0_32_cpu_mamba1.apply()
         else:

@@ -227,6 +227,16 @@ class Rwkv6ForCausalLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Rwkv6State]:
         """Logits for every position [B, T, vocab] (float32) and the state after them."""
+        hidden, state = self.backbone(input_ids, state, attention_mask)
+        return self.head(hidden).float(), state
+
+    def backbone(
+        self,
+        input_ids: torch.Tensor,
+        state: Rwkv6State | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, Rwkv6State]:
+        """Final-norm hidden states [B, T, hidden] and the state after them (vLLM applies the head)."""
         if state is None:
             state = self.initial_state(input_ids.shape[0])
         keep = None if attention_mask is None else attention_mask[..., None].to(self.dtype)
@@ -246,8 +256,7 @@ class Rwkv6ForCausalLM(nn.Module):
             hidden = hidden + out
             if self.halve_every and (layer + 1) % self.halve_every == 0:
                 hidden = hidden / 2
-        logits = self.head(self.rwkv.ln_out(hidden)).float()
-        return logits, Rwkv6State(torch.stack(att_shift), torch.stack(wkv), torch.stack(ffn_shift))
+        return self.rwkv.ln_out(hidden), Rwkv6State(torch.stack(att_shift), torch.stack(wkv), torch.stack(ffn_shift))
 
     # -- checkpoints ---------------------------------------------------------
 
@@ -272,24 +281,29 @@ class Rwkv6ForCausalLM(nn.Module):
         else:
             files = sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
             weights = {k: v for file in files for k, v in torch.load(file, map_location="cpu").items()}
-        own = model.state_dict()
-        missing = sorted(set(own) - set(weights))
-        if missing:
-            raise ValueError(f"checkpoint at {path} lacks {len(missing)} weights, e.g. {missing[:3]}")
-        if config.tie_word_embeddings and "head.weight" not in weights:
-            weights["head.weight"] = weights["rwkv.embeddings.weight"]
-        with torch.no_grad():
-            for name, tensor in own.items():
-                tensor.copy_(weights[name].reshape(tensor.shape))  # time_decay is stored [1,1,A] or [H,K]
+        model.load_checkpoint_weights(weights, source=path)
         model = model.to(device=device, dtype=dtype).eval()
-        if dtype in (torch.float16, torch.bfloat16) and config.rescale_every > 0:
-            model._rescale_for_half_precision()
+        model.rescale_for_half_precision()
         return model
 
     @torch.no_grad()
-    def _rescale_for_half_precision(self) -> None:
-        """Upstream's fp16 trick: shrink block outputs and halve the residual
-        every ``rescale_every`` layers so activations stay in range."""
+    def load_checkpoint_weights(self, weights: dict[str, torch.Tensor], source: str = "the checkpoint") -> None:
+        """Copy HF-named Finch weights in, whatever shape they are stored in."""
+        own = self.state_dict()
+        if self.config.tie_word_embeddings and "head.weight" not in weights:
+            weights = {**weights, "head.weight": weights["rwkv.embeddings.weight"]}
+        missing = sorted(set(own) - set(weights))
+        if missing:
+            raise ValueError(f"{source} lacks {len(missing)} weights, e.g. {missing[:3]}")
+        for name, tensor in own.items():
+            tensor.copy_(weights[name].reshape(tensor.shape))  # time_decay is stored [1,1,A] or [H,K]
+
+    @torch.no_grad()
+    def rescale_for_half_precision(self) -> None:
+        """Upstream's fp16 trick, for fp16/bf16 weights: shrink block outputs and halve
+        the residual every ``rescale_every`` layers so activations stay in range."""
+        if self.dtype not in (torch.float16, torch.bfloat16) or self.config.rescale_every <= 0:
+            return
         every = self.config.rescale_every
         for layer, block in enumerate(self.rwkv.blocks):
             block.attention.output.weight.div_(2 ** (layer // every))

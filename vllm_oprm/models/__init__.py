@@ -1,0 +1,1 @@
+"""vLLM model classes the plugin registers for families vLLM lacks (one file per family)."""
