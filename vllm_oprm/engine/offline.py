@@ -10,7 +10,7 @@ from vllm import LLM, SamplingParams
 from vllm.outputs import RequestOutput
 
 from ..core import OPRMConfig, OPRMPrompt
-from .capture import PROCESSOR, WORKER_EXTENSION, pin_v1_model_runner
+from .capture import PROCESSOR, TAKE_METHOD, WORKER_EXTENSION, merge_records, pin_v1_model_runner
 from .children import child_params, cumulative, parent_output
 from .fanout import Actions, FanOut
 from .layout import plan_request
@@ -120,6 +120,6 @@ class OPRMLLM:
         if not ready:
             return
         keys = [key for index in ready for key in active[index][0].score_keys()]
-        records = self.llm.collective_rpc("oprm_take_first_tokens", args=(keys,))[0]
+        records = merge_records(self.llm.collective_rpc(TAKE_METHOD, args=(keys,)))
         for index in ready:
             self._apply(index, active[index], active[index][0].on_records(records), children)

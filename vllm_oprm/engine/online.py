@@ -23,6 +23,7 @@ from vllm.outputs import RequestOutput
 from vllm.sampling_params import RequestOutputKind
 
 from ..core import ChunkRows, OPRMConfig, Selection
+from .capture import TAKE_METHOD, merge_records
 from .children import child_params, parent_output
 from .fanout import Actions, FanOut
 from .metrics import ABORTED_CHUNKS, record_request
@@ -96,7 +97,7 @@ class OPRMEngineClient:
                 fanout.on_output(chunk, output, len(output.outputs[0].token_ids), output.finished)
                 keys = fanout.score_keys()
                 if keys:
-                    records = (await self._client.collective_rpc("oprm_take_first_tokens", args=(keys,)))[0]
+                    records = merge_records(await self._client.collective_rpc(TAKE_METHOD, args=(keys,)))
                     await apply(fanout.on_records(records))
                 if fanout.selector.done:
                     job.selection = fanout.selection()
@@ -112,7 +113,7 @@ class OPRMEngineClient:
             outcome = "finished" if fanout.done() else "abandoned"  # the caller went away, or an error
             record_request(parent_id, job.config.mode, job.selection, len(fanout.rows), outcome)
             if fanout.unscored_children():  # drop first-token records nobody will read
-                await self._client.collective_rpc("oprm_take_first_tokens", args=(fanout.unscored_children(),))
+                await self._client.collective_rpc(TAKE_METHOD, args=(fanout.unscored_children(),))
 
 
 class _Emitter:
