@@ -19,7 +19,7 @@ $(VENV)/.installed: setup.py
 demo: venv
 	$(PY) -m benchmarks.ar.demo
 
-# Regenerates every table and plot in benchmarks/results/ (about 20 minutes on 2 cores).
+# Regenerates every table and plot in benchmarks/results/ (about 10 minutes on 2 cores).
 bench: venv
 	$(PY) -m benchmarks.ar.evaluate
 	$(PY) -m benchmarks.speed
