@@ -15,7 +15,10 @@ import logging
 logger = logging.getLogger(__name__)
 _registered = False
 
-MODELS = {"Rwkv6ForCausalLM": "vllm_oprm.models.rwkv6:Rwkv6ForCausalLM"}
+MODELS = {
+    "Rwkv6ForCausalLM": "vllm_oprm.models.rwkv6:Rwkv6ForCausalLM",
+    "RecurrentGemmaForCausalLM": "vllm_oprm.models.recurrent_gemma:RecurrentGemmaForCausalLM",
+}
 
 
 def register() -> None:

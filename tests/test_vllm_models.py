@@ -1,0 +1,79 @@
+"""The model classes the plugin adds to vLLM (`vllm_oprm/models/`) against their references:
+RWKV6 against the torch reference, RecurrentGemma against transformers."""
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from vllm import SamplingParams  # noqa: E402
+
+from vllm_oprm.testing import build_model_dir, words  # noqa: E402
+
+STEPS = 24  # past RecurrentGemma's 16-token attention window
+ENGINE = {
+    # a 64-token step budget splits the longer prompts over several steps (chunked prefill)
+    "rwkv6": {"max_num_batched_tokens": 64},
+    # RecurrentGemma prefills a prompt in one step
+    "recurrent_gemma": {"enable_chunked_prefill": False, "max_num_batched_tokens": 512},
+}
+
+
+@pytest.fixture(scope="module", params=sorted(ENGINE))
+def engine_and_reference(request, tmp_path_factory):
+    from vllm import LLM
+
+    from vllm_oprm.engine.capture import pin_v1_model_runner
+
+    path = str(tmp_path_factory.mktemp(request.param))
+    model, tokenizer = build_model_dir(request.param, path, seed=3)
+    pin_v1_model_runner()
+    llm = LLM(model=path, dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=8, **ENGINE[request.param])
+    yield llm, model, tokenizer
+    llm.llm_engine.engine_core.shutdown()
+
+
+def reference_greedy(model, ids: list[int]) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens and the first token's log-probabilities, straight from the reference."""
+    with torch.no_grad():
+        if hasattr(model, "backbone"):  # the torch RWKV6: carry its state by hand
+            logits, state = model(torch.tensor([ids]))
+            first = torch.log_softmax(logits[0, -1], dim=-1)
+            tokens = [int(logits[0, -1].argmax())]
+            for _ in range(STEPS - 1):
+                logits, state = model(torch.tensor([[tokens[-1]]]), state)
+                tokens.append(int(logits[0, -1].argmax()))
+            return tokens, first
+        # use_cache=False also clears the state transformers keeps on the modules between calls
+        first = torch.log_softmax(model(torch.tensor([ids]), use_cache=False).logits[0, -1].float(), dim=-1)
+        out = model.generate(torch.tensor([ids]), max_new_tokens=STEPS, do_sample=False, eos_token_id=None, pad_token_id=0)
+        return out[0, len(ids) :].tolist(), first
+
+
+def test_greedy_and_first_token_logprobs_equal_the_reference(engine_and_reference):
+    llm, model, tokenizer = engine_and_reference
+    rng = torch.Generator().manual_seed(0)
+    # A one-token prompt (scheduled like a decode, from a fresh state), short ones, longer ones.
+    prompts = [[7]] + [tokenizer.encode(words(rng, n)) for n in (5, 40, 150, 300)]
+    params = SamplingParams(max_tokens=STEPS, temperature=0.0, ignore_eos=True, logprobs=5)
+    outs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
+    for ids, out in zip(prompts, outs):  # all in one batch: decodes next to prefills
+        tokens, first = reference_greedy(model, ids)
+        completion = out.outputs[0]
+        assert list(completion.token_ids) == tokens
+        for token_id, logprob in completion.logprobs[0].items():
+            assert logprob.logprob == pytest.approx(first[token_id].item(), abs=1e-4)
+
+
+def test_recurrent_gemma_refuses_chunked_prefill(tmp_path):
+    from vllm_oprm.models.recurrent_gemma import RecurrentGemmaForCausalLM
+
+    class Config:  # only what the check reads
+        class scheduler_config:
+            enable_chunked_prefill, max_num_batched_tokens = True, 8192
+
+        class model_config:
+            max_model_len = 4096
+
+    with pytest.raises(ValueError, match="enable_chunked_prefill=False"):
+        RecurrentGemmaForCausalLM(vllm_config=Config)

@@ -1,0 +1,153 @@
+"""RecurrentGemma (Griffin) for vLLM: transformers' layers, each request's state in vLLM's state cache.
+
+The whole model's state is one ``MambaBase`` layer: per recurrent block the
+conv window and the fp32 RG-LRU state, per local-attention block the last
+``attention_window_size - 1`` keys and values (a fixed-size window, so it is a
+recurrent state too) and the token count. One layer keeps vLLM's state pages
+uniform. The compute is transformers' ``RecurrentGemmaForCausalLM`` run per
+request with that state installed, so the class equals transformers by
+construction.
+
+Limit: transformers' recurrent block restarts its conv window on any
+multi-token input, so a prompt must be prefilled in one engine step: the
+class refuses to load unless chunked prefill is off and
+``max_num_batched_tokens`` >= ``max_model_len``.
+Not sharded (no tensor parallelism); eager only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from vllm.config import VllmConfig
+from vllm.forward_context import get_forward_context
+from vllm.model_executor.layers.mamba.abstract import MambaBase
+from vllm.model_executor.models.interfaces import HasInnerState, IsAttentionFree
+from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
+
+
+class GriffinStateCache(nn.Module, MambaBase):
+    """vLLM's handle on the whole model's per-request state; it computes nothing itself."""
+
+    def __init__(self, config, dtype: torch.dtype, vllm_config: VllmConfig, prefix: str):
+        nn.Module.__init__(self)
+        self.prefix = prefix
+        kinds = config.layers_block_type[: config.num_hidden_layers]
+        self.recurrent = [i for i, kind in enumerate(kinds) if kind == "recurrent"]
+        self.attention = [i for i, kind in enumerate(kinds) if kind == "attention"]
+        window = config.attention_window_size - 1
+        kv = (config.num_key_value_heads, window, config.head_dim)
+        # fp32 states first so every view stays aligned
+        self._shapes = (
+            [(config.lru_width,)] * len(self.recurrent) + [(1,)] * len(self.attention)
+            + [(config.lru_width, config.conv1d_width - 1)] * len(self.recurrent) + [kv, kv] * len(self.attention)
+        )
+        self._dtypes = [torch.float32] * (len(self.recurrent) + len(self.attention)) + [dtype] * (
+            len(self.recurrent) + 2 * len(self.attention)
+        )
+        self.kv_cache = (torch.tensor([]),)
+        layers = vllm_config.compilation_config.static_forward_context
+        if prefix in layers:
+            raise ValueError(f"duplicate layer name {prefix}")
+        layers[prefix] = self
+
+    def get_state_shape(self):
+        return tuple(self._shapes)
+
+    def get_state_dtype(self):
+        return tuple(self._dtypes)
+
+    @property
+    def mamba_type(self) -> MambaAttentionBackendEnum:
+        return MambaAttentionBackendEnum.LINEAR
+
+    def views(self, slot: int) -> tuple[list, list, list, list, list]:
+        """This slot's (rnn, count, conv, keys, values) tensors, one per block of each kind."""
+        r, a = len(self.recurrent), len(self.attention)
+        states = [state[slot] for state in self.kv_cache]
+        rnn, count, conv = states[:r], states[r : r + a], states[r + a : 2 * r + a]
+        kv = states[2 * r + a :]
+        return rnn, count, conv, kv[0::2], kv[1::2]
+
+
+class RecurrentGemmaForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        from transformers import RecurrentGemmaForCausalLM as HFRecurrentGemma
+
+        scheduler = vllm_config.scheduler_config
+        if scheduler.enable_chunked_prefill or scheduler.max_num_batched_tokens < vllm_config.model_config.max_model_len:
+            raise ValueError(
+                "RecurrentGemma prefills each prompt in one step: start vLLM with enable_chunked_prefill=False "
+                "(--no-enable-chunked-prefill) and max_num_batched_tokens >= max_model_len"
+            )
+        self.config = vllm_config.model_config.hf_config
+        self.hf = HFRecurrentGemma(self.config)
+        self.state = GriffinStateCache(self.config, vllm_config.model_config.dtype, vllm_config, f"{prefix}state.0.cache")
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.hf.model.embed_tokens(input_ids)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        metadata = get_forward_context().attn_metadata
+        if metadata is None:  # vLLM's profiling and warm-up runs: no requests, no cache
+            return self.hf.model(input_ids=input_ids[None], position_ids=positions[None], use_cache=False).last_hidden_state[0]
+        meta = metadata[self.state.prefix]
+        hidden = torch.zeros(input_ids.shape[0], self.config.hidden_size, dtype=self.hf.dtype, device=input_ids.device)
+        starts, lengths, slots = meta.query_start_loc.tolist(), meta.seq_lens.tolist(), meta.state_indices_tensor.tolist()
+        for i in range(meta.num_decodes + meta.num_prefills):
+            start, end = starts[i], starts[i + 1]
+            if slots[i] < 0:
+                continue
+            fresh = lengths[i] == end - start  # the whole prompt (never split: see the class check)
+            hidden[start:end] = self._run(input_ids[start:end], positions[start:end], slots[i], fresh)
+        return hidden
+
+    def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, slot: int, fresh: bool) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        rnn, count, conv, keys, values = self.state.views(slot)
+        blocks = self.hf.model.layers
+        cache = DynamicCache(config=self.config)
+        if fresh:
+            self.hf.model._setup_cache(self.config, 1, input_ids.device, self.hf.dtype)
+        else:
+            for layer, rnn_state, conv_state in zip(self.state.recurrent, rnn, conv):
+                blocks[layer].temporal_block.rg_lru.recurrent_states = rnn_state[None].clone()
+                blocks[layer].temporal_block.conv1d_state = conv_state[None].clone()
+            for layer, seen, k, v in zip(self.state.attention, count, keys, values):
+                seen = int(seen.item())
+                kept = min(seen, k.shape[1])
+                cached = cache.layers[layer]
+                cached.lazy_initialization(k[None, :, :0], v[None, :, :0])
+                cached.keys, cached.values = k[None, :, k.shape[1] - kept :].clone(), v[None, :, v.shape[1] - kept :].clone()
+                cached.cumulative_length = seen
+        out = self.hf.model(input_ids=input_ids[None], position_ids=positions[None], past_key_values=cache, use_cache=True)
+        for layer, rnn_state, conv_state in zip(self.state.recurrent, rnn, conv):
+            rnn_state.copy_(blocks[layer].temporal_block.rg_lru.recurrent_states[0])
+            conv_state.copy_(blocks[layer].temporal_block.conv1d_state[0])
+        for layer, seen, k, v in zip(self.state.attention, count, keys, values):
+            cached = cache.layers[layer]
+            kept = cached.keys.shape[-2]
+            seen.fill_(cached.cumulative_length)
+            k[:, k.shape[1] - kept :].copy_(cached.keys[0])
+            v[:, v.shape[1] - kept :].copy_(cached.values[0])
+        return out.last_hidden_state[0]
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        cap = self.config.logits_soft_cap
+        return torch.tanh(self.hf.lm_head(hidden_states) / cap) * cap
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        weights = dict(weights)
+        missing, unexpected = self.hf.load_state_dict(weights, strict=False)
+        if unexpected:
+            raise ValueError(f"unexpected RecurrentGemma weights {unexpected[:3]}")
+        if self.config.tie_word_embeddings:
+            self.hf.lm_head.weight = self.hf.model.embed_tokens.weight
+        missing = [m for m in missing if not (m == "lm_head.weight" and self.config.tie_word_embeddings)]
+        if missing:
+            raise ValueError(f"checkpoint lacks RecurrentGemma weights {missing[:3]}")
+        return {f"hf.{name}" for name, _ in self.hf.named_parameters()}
