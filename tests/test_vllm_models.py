@@ -11,15 +11,9 @@ from vllm import SamplingParams  # noqa: E402
 from vllm_oprm.testing import build_model_dir, words  # noqa: E402
 
 STEPS = 24  # past RecurrentGemma's 16-token attention window
-ENGINE = {
-    # a 64-token step budget splits the longer prompts over several steps (chunked prefill)
-    "rwkv6": {"max_num_batched_tokens": 64},
-    # RecurrentGemma prefills a prompt in one step
-    "recurrent_gemma": {"enable_chunked_prefill": False, "max_num_batched_tokens": 512},
-}
 
 
-@pytest.fixture(scope="module", params=sorted(ENGINE))
+@pytest.fixture(scope="module", params=["recurrent_gemma", "rwkv6"])
 def engine_and_reference(request, tmp_path_factory):
     from vllm import LLM
 
@@ -28,7 +22,8 @@ def engine_and_reference(request, tmp_path_factory):
     path = str(tmp_path_factory.mktemp(request.param))
     model, tokenizer = build_model_dir(request.param, path, seed=3)
     pin_v1_model_runner()
-    llm = LLM(model=path, dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=8, **ENGINE[request.param])
+    # A 64-token step budget splits the longer prompts over several steps (chunked prefill).
+    llm = LLM(model=path, dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=8, max_num_batched_tokens=64)
     yield llm, model, tokenizer
     llm.llm_engine.engine_core.shutdown()
 
@@ -64,16 +59,3 @@ def test_greedy_and_first_token_logprobs_equal_the_reference(engine_and_referenc
         for token_id, logprob in completion.logprobs[0].items():
             assert logprob.logprob == pytest.approx(first[token_id].item(), abs=1e-4)
 
-
-def test_recurrent_gemma_refuses_chunked_prefill(tmp_path):
-    from vllm_oprm.models.recurrent_gemma import RecurrentGemmaForCausalLM
-
-    class Config:  # only what the check reads
-        class scheduler_config:
-            enable_chunked_prefill, max_num_batched_tokens = True, 8192
-
-        class model_config:
-            max_model_len = 4096
-
-    with pytest.raises(ValueError, match="enable_chunked_prefill=False"):
-        RecurrentGemmaForCausalLM(vllm_config=Config)

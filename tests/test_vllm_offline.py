@@ -9,7 +9,7 @@ from vllm import SamplingParams  # noqa: E402
 
 from vllm_oprm import OPRMConfig, OPRMPrompt  # noqa: E402
 from vllm_oprm.reference import OPRMGenerator  # noqa: E402
-from vllm_oprm.testing import build_model_dir, family_engine_args, same_words, words  # noqa: E402
+from vllm_oprm.testing import build_model_dir, same_words, words  # noqa: E402
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 
@@ -19,7 +19,7 @@ GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 def mamba2(request, tmp_path_factory):
     path = str(tmp_path_factory.mktemp(request.param))
     model, tokenizer = build_model_dir(request.param, path, seed=1)
-    return path, OPRMGenerator(model, tokenizer), request.param
+    return path, OPRMGenerator(model, tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def llm(mamba2):
 
     engine = OPRMLLM(
         model=mamba2[0], dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=16,
-        disable_log_stats=False, **family_engine_args(mamba2[2], 512),
+        disable_log_stats=False,
     )
     yield engine
     engine.llm.llm_engine.engine_core.shutdown()  # free the CPU before the next family's engine

@@ -14,15 +14,7 @@ openai = pytest.importorskip("openai")
 
 from vllm_oprm import OPRMConfig, OPRMPrompt  # noqa: E402
 from vllm_oprm.reference import OPRMGenerator  # noqa: E402
-from vllm_oprm.testing import (  # noqa: E402
-    build_model_dir,
-    cli_flags,
-    family_engine_args,
-    metric,
-    oprm_server,
-    same_words,
-    words,
-)
+from vllm_oprm.testing import build_model_dir, metric, oprm_server, same_words, words  # noqa: E402
 
 CHUNK = 16  # the server default, set with --oprm-chunk-size
 MAX_MODEL_LEN = 2048
@@ -35,7 +27,6 @@ def server(request, tmp_path_factory):
     path = str(tmp_path_factory.mktemp(request.param))
     model, tokenizer = build_model_dir(request.param, path, seed=1)
     args = ["--dtype", "float32", "--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "16"]
-    args += cli_flags(family_engine_args(request.param, MAX_MODEL_LEN))
     with oprm_server(path, *args, "--oprm-chunk-size", str(CHUNK)) as running:
         url = running.url
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)

@@ -170,21 +170,3 @@ def metric(url: str, name: str, **labels: str) -> float:
             total += float(value)
     return total
 
-
-def family_engine_args(family: str, max_model_len: int) -> dict:
-    """vLLM engine arguments a family needs beyond the defaults (RecurrentGemma: whole-prompt prefill)."""
-    if family == "recurrent_gemma":
-        return {"enable_chunked_prefill": False, "max_num_batched_tokens": max_model_len}
-    return {}
-
-
-def cli_flags(engine_args: dict) -> list[str]:
-    """The same arguments as `vllm serve` flags."""
-    flags: list[str] = []
-    for name, value in engine_args.items():
-        flag = name.replace("_", "-")
-        if isinstance(value, bool):
-            flags.append(f"--{flag}" if value else f"--no-{flag}")
-        else:
-            flags += [f"--{flag}", str(value)]
-    return flags

@@ -8,10 +8,9 @@ uniform. The compute is transformers' ``RecurrentGemmaForCausalLM`` run per
 request with that state installed, so the class equals transformers by
 construction.
 
-Limit: transformers' recurrent block restarts its conv window on any
-multi-token input, so a prompt must be prefilled in one engine step: the
-class refuses to load unless chunked prefill is off and
-``max_num_batched_tokens`` >= ``max_model_len``.
+transformers' recurrent block restarts its conv window on any multi-token
+input, so the part of a prompt that continues from an earlier engine step
+(chunked prefill) is fed one token at a time: exact, but slower.
 Not sharded (no tensor parallelism); eager only.
 """
 
@@ -77,12 +76,6 @@ class RecurrentGemmaForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
         super().__init__()
         from transformers import RecurrentGemmaForCausalLM as HFRecurrentGemma
 
-        scheduler = vllm_config.scheduler_config
-        if scheduler.enable_chunked_prefill or scheduler.max_num_batched_tokens < vllm_config.model_config.max_model_len:
-            raise ValueError(
-                "RecurrentGemma prefills each prompt in one step: start vLLM with enable_chunked_prefill=False "
-                "(--no-enable-chunked-prefill) and max_num_batched_tokens >= max_model_len"
-            )
         self.config = vllm_config.model_config.hf_config
         self.hf = HFRecurrentGemma(self.config)
         self.state = GriffinStateCache(self.config, vllm_config.model_config.dtype, vllm_config, f"{prefix}state.0.cache")
@@ -101,7 +94,7 @@ class RecurrentGemmaForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
             start, end = starts[i], starts[i + 1]
             if slots[i] < 0:
                 continue
-            fresh = lengths[i] == end - start  # the whole prompt (never split: see the class check)
+            fresh = lengths[i] == end - start  # nothing of this request computed before
             hidden[start:end] = self._run(input_ids[start:end], positions[start:end], slots[i], fresh)
         return hidden
 
@@ -124,7 +117,16 @@ class RecurrentGemmaForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
                 cached.lazy_initialization(k[None, :, :0], v[None, :, :0])
                 cached.keys, cached.values = k[None, :, k.shape[1] - kept :].clone(), v[None, :, v.shape[1] - kept :].clone()
                 cached.cumulative_length = seen
-        out = self.hf.model(input_ids=input_ids[None], position_ids=positions[None], past_key_values=cache, use_cache=True)
+        # A prompt continued from an earlier step (chunked prefill) goes one token at a time: transformers'
+        # recurrent block restarts its conv window on any multi-token input.
+        pieces = [slice(None)] if fresh else [slice(t, t + 1) for t in range(input_ids.shape[0])]
+        hidden = torch.cat([
+            self.hf.model(
+                input_ids=input_ids[None, piece], position_ids=positions[None, piece],
+                past_key_values=cache, use_cache=True,
+            ).last_hidden_state[0]
+            for piece in pieces
+        ])
         for layer, rnn_state, conv_state in zip(self.state.recurrent, rnn, conv):
             rnn_state.copy_(blocks[layer].temporal_block.rg_lru.recurrent_states[0])
             conv_state.copy_(blocks[layer].temporal_block.conv1d_state[0])
@@ -134,7 +136,7 @@ class RecurrentGemmaForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
             seen.fill_(cached.cumulative_length)
             k[:, k.shape[1] - kept :].copy_(cached.keys[0])
             v[:, v.shape[1] - kept :].copy_(cached.values[0])
-        return out.last_hidden_state[0]
+        return hidden
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         cap = self.config.logits_soft_cap
