@@ -3,7 +3,7 @@
 Installing the package is enough: vLLM calls ``register()`` through the
 ``vllm.general_plugins`` entry point. It registers the model classes vLLM lacks
 (lazily, as ``"module:Class"`` strings) with their Hugging Face config classes,
-and on the CPU platform of vLLM 0.32.0 applies the Mamba1 fix in ``patches/``.
+and on the CPU platform of vLLM 0.32.0 applies the Mamba1 and Ray-executor fixes in ``patches/``.
 Requests without OPRM options are untouched; OPRM's entropy processor and
 worker extension are added only by ``OPRMLLM`` and ``vllm-oprm serve``.
 """
@@ -32,7 +32,7 @@ def register() -> None:
     from vllm.platforms import current_platform
 
     from vllm_oprm.models.rwkv6_config import Rwkv6HFConfig
-    from vllm_oprm.patches import vllm_0_32_cpu_mamba1, vllm_0_32_model_configs
+    from vllm_oprm.patches import vllm_0_32_cpu_mamba1, vllm_0_32_cpu_ray, vllm_0_32_model_configs
 
     if vllm.__version__ == vllm_0_32_model_configs.TARGET_VLLM:
         AutoConfig.register(Rwkv6HFConfig.model_type, Rwkv6HFConfig, exist_ok=True)
@@ -45,5 +45,6 @@ def register() -> None:
     if current_platform.is_cpu():
         if vllm.__version__ == vllm_0_32_cpu_mamba1.TARGET_VLLM:
             vllm_0_32_cpu_mamba1.apply()
+            vllm_0_32_cpu_ray.apply()
         else:
-            logger.warning("vllm-oprm: no Mamba1 CPU patch for vLLM %s; Mamba1 may fail on CPU", vllm.__version__)
+            logger.warning("vllm-oprm: no CPU patches (Mamba1, Ray executor) for vLLM %s", vllm.__version__)
