@@ -23,6 +23,16 @@ INTEGER_SETTINGS = ("chunk_size", "max_batch_tokens", "max_chunks")
 MAX_CHUNKS = 256  # with the paper's L=2000: contexts up to 512k tokens
 
 
+def idk_setting(raw: str, source: str) -> str | list:
+    """An IDK setting given as text (a flag or variable named ``source``): a word, or a JSON list of ids."""
+    if not raw.startswith("["):
+        return raw
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        raise ValueError(f"{source} is neither a word nor a JSON list of token ids: {raw!r}") from None
+
+
 def defaults_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Option defaults from ``OPRM_*`` variables; a bad value is a ValueError naming it."""
     environ = os.environ if environ is None else environ
@@ -36,11 +46,8 @@ def defaults_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any
                 defaults[name] = int(raw)
             except ValueError:
                 raise ValueError(f"{variable} must be an integer, got {raw!r}") from None
-        elif name == "idk" and raw.startswith("["):
-            try:
-                defaults[name] = json.loads(raw)
-            except json.JSONDecodeError:
-                raise ValueError(f"{variable} is neither a word nor a JSON list of token ids: {raw!r}") from None
+        elif name == "idk":
+            defaults[name] = idk_setting(raw, variable)
         else:
             defaults[name] = raw
     return defaults

@@ -57,12 +57,17 @@ class FanOut:
     def start(self) -> Actions:
         return self._submit_next_batch()
 
-    def on_output(self, chunk: int, output: Any, num_tokens: int, finished: bool) -> None:
-        """A child's engine output arrived."""
+    def on_output(self, chunk: int, output: Any) -> None:
+        """A child's cumulative engine output (a ``RequestOutput``) arrived.
+
+        Outputs of chunks no longer in the engine (a loser's last output, queued
+        before its abort) are ignored, so callers need not filter them."""
+        if chunk not in self.in_engine:
+            return
         self.latest[chunk] = output
-        if num_tokens > 0:
+        if len(output.outputs[0].token_ids) > 0:
             self.first_token.add(chunk)
-        if finished:
+        if output.finished:
             self.finished.add(chunk)
             self.in_engine.discard(chunk)
 

@@ -81,11 +81,11 @@ class OPRMLLM:
                             out.oprm = None
                             results[plain.pop(out.request_id)] = out
                             bar.update(1)
-                    elif out.request_id in children:  # else: an aborted loser's last output
+                    elif out.request_id in children:  # a chunk request (FanOut ignores a loser's last output)
                         index = children[out.request_id]
                         fanout = active[index][0]
                         chunk = fanout.chunk_of(out.request_id)
-                        fanout.on_output(chunk, out, len(out.outputs[0].token_ids), out.finished)
+                        fanout.on_output(chunk, out)
                         if fanout.score_keys():
                             ready.add(index)
                 self._score(sorted(ready), active, children)

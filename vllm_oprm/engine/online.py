@@ -92,9 +92,7 @@ class OPRMEngineClient:
                 chunk, output, error = await arrivals.get()
                 if error is not None:
                     raise error
-                if chunk not in fanout.in_engine:
-                    continue  # queued before this loser was aborted
-                fanout.on_output(chunk, output, len(output.outputs[0].token_ids), output.finished)
+                fanout.on_output(chunk, output)
                 keys = fanout.score_keys()
                 if keys:
                     records = merge_records(await self._client.collective_rpc(TAKE_METHOD, args=(keys,)))
@@ -107,13 +105,14 @@ class OPRMEngineClient:
         finally:
             for task in pumps.values():
                 task.cancel()
-            if fanout.live_children():
-                ABORTED_CHUNKS.inc(len(fanout.live_children()))
-                await self._client.abort(fanout.live_children())
+            live, unscored = fanout.live_children(), fanout.unscored_children()
+            if live:
+                ABORTED_CHUNKS.inc(len(live))
+                await self._client.abort(live)
             outcome = "finished" if fanout.done() else "abandoned"  # the caller went away, or an error
             record_request(parent_id, job.config.mode, job.selection, len(fanout.rows), outcome)
-            if fanout.unscored_children():  # drop first-token records nobody will read
-                await self._client.collective_rpc(TAKE_METHOD, args=(fanout.unscored_children(),))
+            if unscored:  # drop first-token records nobody will read
+                await self._client.collective_rpc(TAKE_METHOD, args=(unscored,))
 
 
 class _Emitter:

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from ..core.options import idk_setting
+
 
 class OPRMPredictor:
     """A Ray Data actor: one OPRM engine, fed whole batches."""
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--engine-args", default="{}", help="JSON of vllm.LLM keyword arguments")
     args = parser.parse_args(argv)
-    idk = json.loads(args.idk) if args.idk and args.idk.startswith("[") else args.idk
+    idk = idk_setting(args.idk, "--idk") if args.idk else None
     oprm = {"chunk_size": args.chunk_size, "mode": args.mode, "idk": idk, "max_batch_tokens": args.max_batch_tokens}
     run(
         args.input, args.output, args.model, args.replicas,

@@ -22,45 +22,24 @@ import torch
 from torch import nn
 from vllm.config import VllmConfig
 from vllm.forward_context import get_forward_context
-from vllm.model_executor.layers.mamba.abstract import MambaBase
 from vllm.model_executor.models.interfaces import HasInnerState, IsAttentionFree
-from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
+
+from .state_cache import StateCache
 
 
-class GriffinStateCache(nn.Module, MambaBase):
-    """vLLM's handle on the whole model's per-request state; it computes nothing itself."""
+class GriffinStateCache(StateCache):
+    """The whole model's per-request state, laid out by block kind."""
 
     def __init__(self, config, dtype: torch.dtype, vllm_config: VllmConfig, prefix: str):
-        nn.Module.__init__(self)
-        self.prefix = prefix
         kinds = config.layers_block_type[: config.num_hidden_layers]
-        self.recurrent = [i for i, kind in enumerate(kinds) if kind == "recurrent"]
-        self.attention = [i for i, kind in enumerate(kinds) if kind == "attention"]
-        window = config.attention_window_size - 1
-        kv = (config.num_key_value_heads, window, config.head_dim)
-        # fp32 states first so every view stays aligned
-        self._shapes = (
-            [(config.lru_width,)] * len(self.recurrent) + [(1,)] * len(self.attention)
-            + [(config.lru_width, config.conv1d_width - 1)] * len(self.recurrent) + [kv, kv] * len(self.attention)
-        )
-        self._dtypes = [torch.float32] * (len(self.recurrent) + len(self.attention)) + [dtype] * (
-            len(self.recurrent) + 2 * len(self.attention)
-        )
-        self.kv_cache = (torch.tensor([]),)
-        layers = vllm_config.compilation_config.static_forward_context
-        if prefix in layers:
-            raise ValueError(f"duplicate layer name {prefix}")
-        layers[prefix] = self
-
-    def get_state_shape(self):
-        return tuple(self._shapes)
-
-    def get_state_dtype(self):
-        return tuple(self._dtypes)
-
-    @property
-    def mamba_type(self) -> MambaAttentionBackendEnum:
-        return MambaAttentionBackendEnum.LINEAR
+        recurrent = [i for i, kind in enumerate(kinds) if kind == "recurrent"]
+        attention = [i for i, kind in enumerate(kinds) if kind == "attention"]
+        r, a = len(recurrent), len(attention)
+        kv = (config.num_key_value_heads, config.attention_window_size - 1, config.head_dim)
+        shapes = [(config.lru_width,)] * r + [(1,)] * a + [(config.lru_width, config.conv1d_width - 1)] * r + [kv, kv] * a
+        dtypes = [torch.float32] * (r + a) + [dtype] * (r + 2 * a)  # fp32 first
+        super().__init__(shapes, dtypes, vllm_config, prefix)
+        self.recurrent, self.attention = recurrent, attention
 
     def views(self, slot: int) -> tuple[list, list, list, list, list]:
         """This slot's (rnn, count, conv, keys, values) tensors, one per block of each kind."""

@@ -1,10 +1,9 @@
 """RWKV6 (Finch) for vLLM: the torch reference's layers, each request's state in vLLM's state cache.
 
 Every block's state (the fp32 WKV matrix per head, the time-mix and the
-channel-mix token-shift vectors) lives in one ``Rwkv6StateCache`` layer that
-vLLM's recurrent-state manager allocates per request, exactly as for Mamba;
-the metadata comes from vLLM's linear-attention backend (plain torch, so it
-runs on CPU). The recurrence itself is ``vllm_oprm.ops.wkv6.wkv6_recurrent_ref``
+channel-mix token-shift vectors) lives in one ``StateCache`` layer that
+vLLM's recurrent-state manager allocates per request, exactly as for Mamba.
+The recurrence itself is ``vllm_oprm.ops.wkv6.wkv6_recurrent_ref``
 through the reference model, so this class equals the reference by
 construction; decodes run batched, prefills one request at a time.
 
@@ -19,39 +18,13 @@ import torch
 from torch import nn
 from vllm.config import VllmConfig
 from vllm.forward_context import get_forward_context
-from vllm.model_executor.layers.mamba.abstract import MambaBase
 from vllm.model_executor.models.interfaces import HasInnerState, IsAttentionFree
-from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
 from ..reference.rwkv6 import Rwkv6Config, Rwkv6State
 from ..reference.rwkv6 import Rwkv6ForCausalLM as Rwkv6Reference
+from .state_cache import StateCache
 
 WKV, ATT_SHIFT, FFN_SHIFT = range(3)  # order of the states in a cache block (fp32 first: aligned views)
-
-
-class Rwkv6StateCache(nn.Module, MambaBase):
-    """vLLM's handle on one block's recurrent state; it computes nothing itself."""
-
-    def __init__(self, config: Rwkv6Config, dtype: torch.dtype, vllm_config: VllmConfig, prefix: str):
-        nn.Module.__init__(self)
-        self.prefix = prefix
-        self._shapes = ((config.num_heads, config.head_size, config.head_size), (config.hidden_size,), (config.hidden_size,))
-        self._dtypes = (torch.float32, dtype, dtype)
-        self.kv_cache = (torch.tensor([]),)
-        layers = vllm_config.compilation_config.static_forward_context
-        if prefix in layers:
-            raise ValueError(f"duplicate layer name {prefix}")
-        layers[prefix] = self
-
-    def get_state_shape(self) -> tuple[tuple[int, ...], ...]:
-        return self._shapes
-
-    def get_state_dtype(self) -> tuple[torch.dtype, ...]:
-        return self._dtypes
-
-    @property
-    def mamba_type(self) -> MambaAttentionBackendEnum:
-        return MambaAttentionBackendEnum.LINEAR
 
 
 class Rwkv6ForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
@@ -60,9 +33,11 @@ class Rwkv6ForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
         self.config = Rwkv6Config.from_dict(vllm_config.model_config.hf_config.to_dict())
         self.reference = Rwkv6Reference(self.config)
         dtype = vllm_config.model_config.dtype
+        c = self.config
+        shapes = ((c.num_heads, c.head_size, c.head_size), (c.hidden_size,), (c.hidden_size,))  # WKV, ATT_SHIFT, FFN_SHIFT
         self.states = nn.ModuleList(
-            Rwkv6StateCache(self.config, dtype, vllm_config, f"{prefix}states.{layer}.cache")
-            for layer in range(self.config.num_hidden_layers)
+            StateCache(shapes, (torch.float32, dtype, dtype), vllm_config, f"{prefix}states.{layer}.cache")
+            for layer in range(c.num_hidden_layers)
         )
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,36 @@
+"""The one vLLM-facing piece both model classes share: a layer that only owns recurrent state."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from vllm.config import VllmConfig
+from vllm.model_executor.layers.mamba.abstract import MambaBase
+from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
+
+
+class StateCache(nn.Module, MambaBase):
+    """Per-request state tensors that vLLM's recurrent-state manager allocates, as for Mamba;
+    it computes nothing itself. Its metadata comes from vLLM's linear-attention backend
+    (plain torch, so it runs on CPU). After binding, ``kv_cache[i][slot]`` is state ``i``
+    of the request in ``slot``. Put fp32 states first so every view stays aligned."""
+
+    def __init__(self, shapes, dtypes, vllm_config: VllmConfig, prefix: str):
+        nn.Module.__init__(self)
+        self.prefix = prefix
+        self._shapes, self._dtypes = tuple(shapes), tuple(dtypes)
+        self.kv_cache = (torch.tensor([]),)
+        layers = vllm_config.compilation_config.static_forward_context
+        if prefix in layers:
+            raise ValueError(f"duplicate layer name {prefix}")
+        layers[prefix] = self
+
+    def get_state_shape(self) -> tuple[tuple[int, ...], ...]:
+        return self._shapes
+
+    def get_state_dtype(self) -> tuple[torch.dtype, ...]:
+        return self._dtypes
+
+    @property
+    def mamba_type(self) -> MambaAttentionBackendEnum:
+        return MambaAttentionBackendEnum.LINEAR
