@@ -19,11 +19,12 @@ $(VENV)/.installed: setup.py
 demo: venv
 	$(PY) -m benchmarks.ar.demo
 
-# Regenerates every table and plot in benchmarks/results/ (about 10 minutes on 2 cores).
+# Regenerates every table and plot in benchmarks/results/ (about 13 minutes on 2 cores).
 bench: venv
 	$(PY) -m benchmarks.ar.evaluate
 	$(PY) -m benchmarks.speed
 	$(PY) -m benchmarks.entropy_overhead
+	$(PY) -m benchmarks.prefix_cache
 
 test: venv
 	$(PY) -m pytest -q tests

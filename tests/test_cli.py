@@ -26,6 +26,15 @@ def test_serve_keeps_the_users_processors_and_plugin_allow_list():
     assert env["VLLM_PLUGINS"] == "other,oprm"
 
 
+def test_serve_prefix_cache_turns_on_vllms_prefix_caching():
+    env = {}
+    assert "--enable-prefix-caching" in server_argv(["serve", "/m", "--oprm-prefix-cache", "true"], env)
+    assert env["OPRM_PREFIX_CACHE"] == "true"
+    kept = server_argv(["serve", "/m", "--oprm-prefix-cache", "1", "--no-enable-prefix-caching"], {})
+    assert "--enable-prefix-caching" not in kept  # the user's choice stands; the server then refuses to start
+    assert "--enable-prefix-caching" not in server_argv(["serve", "/m", "--oprm-prefix-cache", "false"], {})
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -33,6 +42,7 @@ def test_serve_keeps_the_users_processors_and_plugin_allow_list():
         (["run", "/m"], "usage: vllm-oprm serve"),
         (["serve", "/m", "--worker-extension-cls", "my.Ext"], "needs --worker-extension-cls"),
         (["serve", "/m", "--oprm-chunk-size", "big"], "OPRM_CHUNK_SIZE must be an integer"),
+        (["serve", "/m", "--oprm-prefix-cache", "sometimes"], "OPRM_PREFIX_CACHE must be true or false"),
     ],
 )
 def test_serve_rejects_what_cannot_work(argv, message):

@@ -10,6 +10,7 @@ import torch
 from vllm_oprm import OPRMConfig, OPRMPrompt
 from vllm_oprm.core import (
     ChunkSelector,
+    aligned_chunk_size,
     build_rows,
     defaults_from_env,
     first_token_entropy,
@@ -26,7 +27,7 @@ from vllm_oprm.core import (
         ("chunk_size", 0), ("chunk_size", -5), ("chunk_size", 1.5), ("chunk_size", "2000"), ("chunk_size", True),
         ("max_batch_tokens", 0), ("max_batch_tokens", None), ("mode", "best"), ("mode", None),
         ("idk_token_ids", "Error"), ("idk_token_ids", [-1]), ("idk_token_ids", [1.0]), ("idk_token_ids", 7),
-        ("summary_separator", 3),
+        ("summary_separator", 3), ("prefix_cache", 1), ("prefix_cache", "true"),
     ],
 )
 def test_invalid_config_field_is_named(field, value):
@@ -103,6 +104,7 @@ def test_request_options_override_server_defaults():
         ({"context": "1", "idk": "4 5"}, "oprm.idk '4 5' is 2 tokens"),
         ({"context": "1", "idk": [True]}, "oprm.idk must be"),
         ({"context": "1", "size": 3}, "unknown field.*size"),
+        ({"context": "1", "prefix_cache": "yes"}, "oprm.prefix_cache must be true or false"),
     ],
 )
 def test_bad_request_options_name_the_field(options, message):
@@ -116,6 +118,10 @@ def test_server_defaults_come_from_the_environment():
     assert defaults_from_env({"OPRM_IDK": "Error"}) == {"idk": "Error"}
     with pytest.raises(ValueError, match="OPRM_CHUNK_SIZE must be an integer"):
         defaults_from_env({"OPRM_CHUNK_SIZE": "2k"})
+    assert defaults_from_env({"OPRM_PREFIX_CACHE": "True"}) == {"prefix_cache": True}
+    assert defaults_from_env({"OPRM_PREFIX_CACHE": "0"}) == {"prefix_cache": False}
+    with pytest.raises(ValueError, match="OPRM_PREFIX_CACHE must be true or false"):
+        defaults_from_env({"OPRM_PREFIX_CACHE": "maybe"})
 
 
 def test_text_without_tokenizer_raises():
@@ -140,6 +146,29 @@ def test_rows_are_prefix_chunk_suffix_and_context_that_fits_is_vanilla():
     assert rows.rows == [[9, 10, 11, 12, 8], [9, 13, 14, 15, 8], [9, 16, 8]]
     single = build_rows(tp, OPRMConfig(chunk_size=7))
     assert single.rows == [tp.vanilla_ids] == [[9, *range(10, 17), 8]] and single.batches == [[0]]
+
+
+@pytest.mark.parametrize(
+    "prefix, chunk, block, expected",
+    [(41, 64, 32, 55), (64, 64, 32, 64), (10, 2000, 256, 1782), (41, 8, 32, 23), (0, 100, 16, 96), (5, 3, 4, 3)],
+)
+def test_aligned_chunks_end_prefix_plus_chunk_on_a_block_boundary(prefix, chunk, block, expected):
+    size = aligned_chunk_size(prefix, chunk, block)
+    assert size == expected and (prefix + size) % block == 0
+    assert size <= chunk or prefix + chunk < (prefix // block + 1) * block  # grows only when no boundary fits
+
+
+def test_prefix_cache_rows_are_aligned_and_a_warmup_caches_the_prefix():
+    prefix, context, suffix = list(range(100, 106)), list(range(200, 230)), [7, 8]
+    tp = OPRMPrompt(prefix, context, suffix).tokenize()
+    layout = build_rows(tp, OPRMConfig(chunk_size=12, prefix_cache=True), cache_block_size=4)
+    assert [len(r) - len(prefix) - len(suffix) for r in layout.rows] == [10, 10, 10]  # 6 + 10 = 16
+    assert [r[len(prefix) : -len(suffix)] for r in layout.rows] == [context[0:10], context[10:20], context[20:30]]
+    assert layout.warmup == prefix[:4] + [prefix[4]]  # one token past P's last boundary (4)
+    assert build_rows(tp, OPRMConfig(chunk_size=12), cache_block_size=None).warmup is None
+    assert build_rows(tp, OPRMConfig(chunk_size=40, prefix_cache=True), cache_block_size=4).warmup is None  # one row
+    short = OPRMPrompt([1, 2], context, suffix).tokenize()
+    assert build_rows(short, OPRMConfig(chunk_size=12, prefix_cache=True), cache_block_size=4).warmup is None
 
 
 def test_last_mode_keeps_the_last_chunk_size_tokens():

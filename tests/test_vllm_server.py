@@ -229,6 +229,8 @@ BAD_REQUESTS = [
     ("context object", {}, {"context": {"text": "w1"}}, "oprm.context must be"),
     ("prompt of token ids", {"prompt": [5, 6, 7]}, {}, "one string"),
     ("negative temperature", {"temperature": -1.0}, {}, "temperature"),
+    ("prefix cache on an engine without one", {}, {"prefix_cache": True}, "--enable-prefix-caching"),
+    ("prefix cache as text", {}, {"prefix_cache": "yes"}, "oprm.prefix_cache must be true or false"),
 ]
 
 

@@ -2,8 +2,10 @@
 
 Installing the package is enough: vLLM calls ``register()`` through the
 ``vllm.general_plugins`` entry point. It registers the model classes vLLM lacks
-(lazily, as ``"module:Class"`` strings) with their Hugging Face config classes,
-and on the CPU platform of vLLM 0.32.0 applies the Mamba1 and Ray-executor fixes in ``patches/``.
+(lazily, as ``"module:Class"`` strings) with their Hugging Face config classes
+and has chunk requests' detokenizers primed with their prompt's tail; on the CPU
+platform it also applies the Mamba1, Mamba2 prefix-caching and Ray-executor
+fixes. All of these are version-gated fixes in ``patches/``.
 Requests without OPRM options are untouched; OPRM's entropy processor and
 worker extension are added only by ``OPRMLLM`` and ``vllm-oprm serve``.
 """
@@ -31,20 +33,33 @@ def register() -> None:
     from vllm import ModelRegistry
     from vllm.platforms import current_platform
 
+    from vllm_oprm.engine.capture import CAPTURE_KEY
     from vllm_oprm.models.rwkv6_config import Rwkv6HFConfig
-    from vllm_oprm.patches import vllm_0_32_cpu_mamba1, vllm_0_32_cpu_ray, vllm_0_32_model_configs
+    from vllm_oprm.patches import (
+        vllm_0_32_cpu_mamba1,
+        vllm_0_32_cpu_mamba2_checkpoints,
+        vllm_0_32_cpu_ray,
+        vllm_0_32_detokenizer_prompt_tail,
+        vllm_0_32_model_configs,
+    )
 
     if vllm.__version__ == vllm_0_32_model_configs.TARGET_VLLM:
         AutoConfig.register(Rwkv6HFConfig.model_type, Rwkv6HFConfig, exist_ok=True)
         vllm_0_32_model_configs.apply(list(MODELS))
         for architecture, path in MODELS.items():
             ModelRegistry.register_model(architecture, path)
+        vllm_0_32_detokenizer_prompt_tail.apply(CAPTURE_KEY)
     else:
-        logger.warning("vllm-oprm: model classes %s not registered on vLLM %s", list(MODELS), vllm.__version__)
+        logger.warning(
+            "vllm-oprm: model classes %s not registered, chunk detokenizers not trimmed on vLLM %s",
+            list(MODELS),
+            vllm.__version__,
+        )
 
     if current_platform.is_cpu():
         if vllm.__version__ == vllm_0_32_cpu_mamba1.TARGET_VLLM:
             vllm_0_32_cpu_mamba1.apply()
+            vllm_0_32_cpu_mamba2_checkpoints.apply()
             vllm_0_32_cpu_ray.apply()
         else:
-            logger.warning("vllm-oprm: no CPU patches (Mamba1, Ray executor) for vLLM %s", vllm.__version__)
+            logger.warning("vllm-oprm: no CPU patches (Mamba1, Mamba2 prefix caching, Ray executor) for vLLM %s", vllm.__version__)

@@ -35,13 +35,30 @@ def pack_documents(documents: list[TokenIds], chunk_size: int) -> list[TokenIds]
     return chunks
 
 
-def context_chunks(prompt: TokenizedPrompt, config: OPRMConfig) -> list[TokenIds]:
-    """The context chunks that become parallel rows ``[P, C_i, S]``."""
+def aligned_chunk_size(prefix_length: int, chunk_size: int, block_size: int) -> int:
+    """The chunk length nearest ``chunk_size`` from below for which ``[P, C_i]`` ends on a block boundary.
+
+    vLLM's prefix cache keeps a recurrent state only at multiples of its block
+    size, so ``prefix_length + length`` must be one: chunks shrink by less than
+    a block, or grow to the first boundary after P when ``chunk_size`` is shorter.
+    """
+    end = (prefix_length + chunk_size) // block_size * block_size
+    if end <= prefix_length:
+        end = (prefix_length // block_size + 1) * block_size
+    return end - prefix_length
+
+
+def context_chunks(prompt: TokenizedPrompt, config: OPRMConfig, cache_block_size: int | None = None) -> list[TokenIds]:
+    """The context chunks that become parallel rows ``[P, C_i, S]``; with
+    ``cache_block_size`` their lengths are block aligned (see ``aligned_chunk_size``)."""
+    size = config.chunk_size
+    if cache_block_size is not None:
+        size = aligned_chunk_size(len(prompt.prefix_ids), size, cache_block_size)
     if config.mode == "last":
-        return [prompt.context_ids[-config.chunk_size :]]
+        return [prompt.context_ids[-size:]]
     if len(prompt.documents) == 1:
-        return split_tokens(prompt.documents[0], config.chunk_size)
-    return pack_documents(prompt.documents, config.chunk_size)
+        return split_tokens(prompt.documents[0], size)
+    return pack_documents(prompt.documents, size)
 
 
 @dataclass(frozen=True)
@@ -50,6 +67,9 @@ class ChunkRows:
 
     rows: list[TokenIds]
     batches: list[list[int]]  # chunk indices, in order, per batch
+    # A short request to run before the rows so that vLLM caches P's state: the
+    # first row cut one token past P's last block boundary. None without a cache.
+    warmup: TokenIds | None = None
 
     @property
     def num_chunks(self) -> int:
@@ -83,7 +103,17 @@ def check_vocabulary(rows: list[TokenIds], vocab_size: int) -> None:
             raise ValueError(f"prompt token id {bad} is outside the model's vocabulary ({vocab_size})")
 
 
-def build_rows(prompt: TokenizedPrompt, config: OPRMConfig) -> ChunkRows:
-    """Lay out ``[P, C_i, S]`` for every chunk and plan their prefill batches."""
-    rows = [prompt.prefix_ids + chunk + prompt.suffix_ids for chunk in context_chunks(prompt, config)]
-    return ChunkRows(rows, plan_batches([len(r) for r in rows], config.max_batch_tokens))
+def build_rows(prompt: TokenizedPrompt, config: OPRMConfig, cache_block_size: int | None = None) -> ChunkRows:
+    """Lay out ``[P, C_i, S]`` for every chunk and plan their prefill batches.
+
+    ``cache_block_size`` (vLLM's prefix-cache block, given when
+    ``config.prefix_cache``) aligns the chunks and adds the warm-up that caches
+    P's state, when P spans at least one block and there is more than one row.
+    """
+    chunks = context_chunks(prompt, config, cache_block_size)
+    rows = [prompt.prefix_ids + chunk + prompt.suffix_ids for chunk in chunks]
+    warmup = None
+    if cache_block_size is not None and len(rows) > 1:
+        shared = len(prompt.prefix_ids) // cache_block_size * cache_block_size
+        warmup = rows[0][: shared + 1] if shared else None
+    return ChunkRows(rows, plan_batches([len(r) for r in rows], config.max_batch_tokens), warmup)

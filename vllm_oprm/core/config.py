@@ -26,6 +26,10 @@ class OPRMConfig:
     idk_token_ids: first tokens meaning "the answer is not here"; chunks whose
         argmax first token is one of them are dropped from selection.
     summary_separator: what joins the per-chunk answers in ``summarize`` mode.
+    prefix_cache: lay rows out for vLLM's prefix cache of recurrent states
+        (the engine needs ``enable_prefix_caching``): every ``[P, C_i]`` ends on a
+        cache block boundary so a later question on the same context starts from
+        its cached state, and P's state is computed once and shared.
     """
 
     chunk_size: int = 2000
@@ -33,6 +37,7 @@ class OPRMConfig:
     mode: str = "select"
     idk_token_ids: tuple[int, ...] = field(default=())
     summary_separator: str = "\n"
+    prefix_cache: bool = False
 
     def __post_init__(self) -> None:
         _require_positive_int("chunk_size", self.chunk_size)
@@ -48,3 +53,5 @@ class OPRMConfig:
         object.__setattr__(self, "idk_token_ids", ids)
         if not isinstance(self.summary_separator, str):
             raise ValueError(f"summary_separator must be a string, got {self.summary_separator!r}")
+        if not isinstance(self.prefix_cache, bool):
+            raise ValueError(f"prefix_cache must be true or false, got {self.prefix_cache!r}")

@@ -9,7 +9,7 @@ from typing import Any, Mapping
 from .config import OPRMConfig
 from .prompt import Context, Tokenizer
 
-FIELDS = ("context", "chunk_size", "mode", "idk", "max_batch_tokens")
+FIELDS = ("context", "chunk_size", "mode", "idk", "max_batch_tokens", "prefix_cache")
 # Server-wide settings; `vllm-oprm serve --oprm-chunk-size N` etc. set these. All but
 # max_chunks are defaults a request's `oprm` fields override.
 ENV_DEFAULTS = {
@@ -18,8 +18,10 @@ ENV_DEFAULTS = {
     "mode": "OPRM_MODE",
     "idk": "OPRM_IDK",  # a one-token text, or a JSON list of token ids
     "max_chunks": "OPRM_MAX_CHUNKS",  # the most chunk requests one request may become
+    "prefix_cache": "OPRM_PREFIX_CACHE",  # true/false: block-aligned rows for vLLM's prefix cache
 }
 INTEGER_SETTINGS = ("chunk_size", "max_batch_tokens", "max_chunks")
+BOOLEAN_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 MAX_CHUNKS = 256  # with the paper's L=2000: contexts up to 512k tokens
 
 
@@ -48,6 +50,10 @@ def defaults_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any
                 raise ValueError(f"{variable} must be an integer, got {raw!r}") from None
         elif name == "idk":
             defaults[name] = idk_setting(raw, variable)
+        elif name == "prefix_cache":
+            if raw.lower() not in BOOLEAN_WORDS:
+                raise ValueError(f"{variable} must be true or false, got {raw!r}")
+            defaults[name] = BOOLEAN_WORDS[raw.lower()]
         else:
             defaults[name] = raw
     return defaults
@@ -77,6 +83,7 @@ def parse_options(options: Any, defaults: Mapping[str, Any], tokenizer: Tokenize
             max_batch_tokens=merged.get("max_batch_tokens", OPRMConfig.max_batch_tokens),
             mode=merged.get("mode", OPRMConfig.mode),
             idk_token_ids=_idk_token_ids(merged.get("idk"), tokenizer),
+            prefix_cache=merged.get("prefix_cache", OPRMConfig.prefix_cache),
         )
     except ValueError as error:
         raise ValueError(f"oprm.{error}") from None

@@ -16,15 +16,13 @@ class Tokenizer(Protocol):
 
 
 def _is_token_ids(value: object) -> bool:
-    return isinstance(value, (list, tuple)) and all(
-        isinstance(t, int) and not isinstance(t, bool) for t in value
-    )
+    # type() rather than isinstance(): bools are not ids; a set of types is fast on 100k-token contexts.
+    return isinstance(value, (list, tuple)) and set(map(type, value)) <= {int}
 
 
 def _check_token_ids(name: str, ids: Sequence[int]) -> TokenIds:
-    for token_id in ids:
-        if token_id < 0:
-            raise ValueError(f"{name} holds a negative token id {token_id}")
+    if ids and min(ids) < 0:
+        raise ValueError(f"{name} holds a negative token id {next(t for t in ids if t < 0)}")
     return list(ids)
 
 

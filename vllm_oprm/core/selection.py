@@ -20,11 +20,18 @@ def first_token_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Selection:
-    """What selection decided for one request."""
+    """What selection decided for one request, and (vLLM backends) what its prefill cost.
+
+    ``prefill_tokens`` counts every token of every chunk request sent to the
+    engine (with the prefix-cache warm-up); ``cached_tokens`` of those came from
+    vLLM's prefix cache instead of being computed.
+    """
 
     num_chunks: int
     selected_chunk: int | None  # None in summarize mode: every chunk is decoded
     entropies: list[float]
+    prefill_tokens: int = 0
+    cached_tokens: int = 0
 
 
 @dataclass

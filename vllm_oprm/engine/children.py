@@ -10,7 +10,7 @@ from vllm.outputs import CompletionOutput, RequestOutput
 from vllm.sampling_params import RequestOutputKind
 
 from .capture import CAPTURE_KEY
-from .fanout import FanOut
+from .fanout import WARMUP, FanOut
 
 
 def cumulative(params: SamplingParams) -> SamplingParams:
@@ -25,10 +25,13 @@ def child_params(params: SamplingParams, fanout: FanOut, chunk: int, max_model_l
 
     ``max_tokens`` is capped to what the row leaves of ``max_model_len``: the
     server's default was computed from the short template prompt, not the row.
+    The warm-up only has to be prefilled: one greedy token, nothing captured.
     """
+    if chunk == WARMUP:
+        return SamplingParams(max_tokens=1, temperature=0.0, output_kind=RequestOutputKind.CUMULATIVE)
     child = cumulative(params)
     child.extra_args = {**(params.extra_args or {}), CAPTURE_KEY: fanout.child_id(chunk)}
-    room = max_model_len - len(fanout.rows[chunk])
+    room = max_model_len - len(fanout.prompt_ids(chunk))
     if child.max_tokens is None or child.max_tokens > room:
         child.max_tokens = room
     return child

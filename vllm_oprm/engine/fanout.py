@@ -9,6 +9,7 @@ running winner is aborted (select), or all keep decoding (summarize).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -16,6 +17,7 @@ from typing import Any, Mapping, Sequence
 from ..core import ChunkRows, ChunkSelector, OPRMConfig, Selection
 
 _serial = itertools.count()
+WARMUP = -1  # the chunk index of the prefix-cache warm-up request (``ChunkRows.warmup``)
 
 
 @dataclass
@@ -29,7 +31,7 @@ class FanOut:
 
     def __init__(self, parent_id: str, layout: ChunkRows, config: OPRMConfig):
         self.parent_id = parent_id
-        self.rows, self.batches = layout.rows, layout.batches
+        self.rows, self.batches, self.warmup = layout.rows, layout.batches, layout.warmup
         self.config = config
         self.selector = ChunkSelector(layout.num_chunks, config.idk_token_ids)
         self.next_batch = 0
@@ -38,15 +40,20 @@ class FanOut:
         self.scored: set[int] = set()
         self.latest: dict[int, Any] = {}  # chunk -> its latest engine output
         self.finished: set[int] = set()
+        self.cached_tokens: dict[int, int] = {}  # chunk -> prompt tokens vLLM took from its prefix cache
         self._tag = f"{parent_id}#oprm{next(_serial)}"
 
     # -- ids -------------------------------------------------------------------
 
     def child_id(self, chunk: int) -> str:
-        return f"{self._tag}-{chunk}"
+        return f"{self._tag}-{'warmup' if chunk == WARMUP else chunk}"
 
     def chunk_of(self, child_id: str) -> int:
-        return int(child_id.rsplit("-", 1)[1])
+        tail = child_id.rsplit("-", 1)[1]
+        return WARMUP if tail == "warmup" else int(tail)
+
+    def prompt_ids(self, chunk: int) -> list[int]:
+        return self.warmup if chunk == WARMUP else self.rows[chunk]
 
     @property
     def summarize(self) -> bool:
@@ -55,25 +62,40 @@ class FanOut:
     # -- events ----------------------------------------------------------------
 
     def start(self) -> Actions:
+        """The first requests: the warm-up alone if there is one (the rows then
+        find P's state cached), else the first batch."""
+        if self.warmup is not None:
+            self.in_engine.add(WARMUP)
+            return Actions(add=[WARMUP])
         return self._submit_next_batch()
 
-    def on_output(self, chunk: int, output: Any) -> None:
-        """A child's cumulative engine output (a ``RequestOutput``) arrived.
+    def on_output(self, chunk: int, output: Any) -> Actions:
+        """A child's cumulative engine output (a ``RequestOutput``) arrived; the
+        first batch goes out when the warm-up finishes.
 
         Outputs of chunks no longer in the engine (a loser's last output, queued
         before its abort) are ignored, so callers need not filter them."""
         if chunk not in self.in_engine:
-            return
+            return Actions()
+        self.cached_tokens[chunk] = output.num_cached_tokens or 0
+        if chunk == WARMUP:
+            if not output.finished:
+                return Actions()
+            self.in_engine.discard(WARMUP)
+            return self._submit_next_batch()
         self.latest[chunk] = output
         if len(output.outputs[0].token_ids) > 0:
             self.first_token.add(chunk)
         if output.finished:
             self.finished.add(chunk)
             self.in_engine.discard(chunk)
+        return Actions()
 
     def awaiting_scores(self) -> list[int]:
         """Chunks of the current batch whose first token is out but not yet scored,
         once the whole batch has its first tokens (then all are scored together)."""
+        if self.next_batch == 0:
+            return []  # the warm-up is still running
         batch = self.batches[self.next_batch - 1]
         if all(c in self.first_token for c in batch):
             return [c for c in batch if c not in self.scored]
@@ -127,9 +149,15 @@ class FanOut:
 
     def selection(self) -> Selection:
         result = self.selector.result()
-        if self.summarize:
-            return Selection(result.num_chunks, None, result.entropies)
-        return result
+        submitted = [c for batch in self.batches[: self.next_batch] for c in batch]
+        if self.warmup is not None:
+            submitted.append(WARMUP)
+        return dataclasses.replace(
+            result,
+            selected_chunk=None if self.summarize else result.selected_chunk,
+            prefill_tokens=sum(len(self.prompt_ids(c)) for c in submitted),
+            cached_tokens=sum(self.cached_tokens.get(c, 0) for c in submitted),
+        )
 
     def live_children(self) -> list[str]:
         return [self.child_id(c) for c in sorted(self.in_engine)]

@@ -20,6 +20,9 @@ SELECTED_ENTROPY = Histogram(
     "First-token entropy of the selected chunk (select and last modes)",
     buckets=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8],
 )
+PREFILL_TOKENS = Counter(
+    "oprm_prefill_tokens", "Prompt tokens of OPRM chunk requests, by source: vLLM's prefix cache or computed", ["source"]
+)
 ABORTED_CHUNKS = Counter("oprm_aborted_chunks", "Chunk requests aborted: losers, and chunks of abandoned requests")
 
 
@@ -28,6 +31,9 @@ def record_request(request_id: str, mode: str, selection: Selection | None, num_
     REQUESTS.labels(mode=mode, outcome=outcome).inc()
     CHUNKS.observe(num_chunks)
     chosen = None if selection is None else selection.selected_chunk
+    if selection is not None:
+        PREFILL_TOKENS.labels(source="cached").inc(selection.cached_tokens)
+        PREFILL_TOKENS.labels(source="computed").inc(selection.prefill_tokens - selection.cached_tokens)
     if chosen is not None:
         SELECTED_ENTROPY.observe(selection.entropies[chosen])
     logger.debug("oprm %s: mode %s, %d chunks, selected %s, %s", request_id, mode, num_chunks, chosen, outcome)

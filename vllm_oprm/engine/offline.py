@@ -13,7 +13,7 @@ from ..core import OPRMConfig, OPRMPrompt
 from .capture import PROCESSOR, TAKE_METHOD, WORKER_EXTENSION, merge_records, pin_v1_model_runner
 from .children import child_params, cumulative, parent_output
 from .fanout import Actions, FanOut
-from .layout import plan_request
+from .layout import plan_request, prefix_cache_block
 
 _serial = itertools.count()
 
@@ -38,6 +38,7 @@ class OPRMLLM:
         self.engine = self.llm.llm_engine
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.engine.model_config.max_model_len
+        self.cache_block_size = prefix_cache_block(self.engine.vllm_config)
 
     def generate(
         self,
@@ -56,7 +57,9 @@ class OPRMLLM:
         oprm = oprm or OPRMConfig()
         # Lay out and validate everything before the engine sees any of it.
         plans = [
-            plan_request(p, sp, oprm, self.tokenizer, self.max_model_len) if isinstance(p, OPRMPrompt) else None
+            plan_request(p, sp, oprm, self.tokenizer, self.max_model_len, cache_block_size=self.cache_block_size)
+            if isinstance(p, OPRMPrompt)
+            else None
             for p, sp in zip(prompts, sampling_params)
         ]
         results: list[RequestOutput | None] = [None] * len(prompts)
@@ -85,7 +88,7 @@ class OPRMLLM:
                         index = children[out.request_id]
                         fanout = active[index][0]
                         chunk = fanout.chunk_of(out.request_id)
-                        fanout.on_output(chunk, out)
+                        self._apply(index, active[index], fanout.on_output(chunk, out), children)
                         if fanout.score_keys():
                             ready.add(index)
                 self._score(sorted(ready), active, children)
@@ -111,7 +114,7 @@ class OPRMLLM:
             children[child_id] = index
             self.engine.add_request(
                 child_id,
-                {"prompt_token_ids": fanout.rows[chunk]},
+                {"prompt_token_ids": fanout.prompt_ids(chunk)},
                 child_params(params, fanout, chunk, self.max_model_len),
             )
 

@@ -80,7 +80,7 @@ class OPRMEngineClient:
                 await self._client.abort([fanout.child_id(c) for c in actions.abort])
                 ABORTED_CHUNKS.inc(len(actions.abort))
             for chunk in actions.add:
-                row = {"prompt_token_ids": fanout.rows[chunk]}
+                row = {"prompt_token_ids": fanout.prompt_ids(chunk)}
                 params_c = child_params(params, fanout, chunk, job.max_model_len)
                 outputs = self._client.generate(row, params_c, fanout.child_id(chunk), *args, **kwargs)
                 pumps[chunk] = asyncio.create_task(pump(chunk, outputs))
@@ -92,7 +92,7 @@ class OPRMEngineClient:
                 chunk, output, error = await arrivals.get()
                 if error is not None:
                     raise error
-                fanout.on_output(chunk, output)
+                await apply(fanout.on_output(chunk, output))
                 keys = fanout.score_keys()
                 if keys:
                     records = merge_records(await self._client.collective_rpc(TAKE_METHOD, args=(keys,)))

@@ -36,11 +36,14 @@ def server_argv(argv: list[str], environ: MutableMapping[str, str]) -> list[str]
     for name, value in vars(known).items():
         if value is not None:
             environ[ENV_DEFAULTS[name]] = value
-    defaults_from_env(environ)  # a malformed number fails here, before the engine starts
+    defaults = defaults_from_env(environ)  # a malformed value fails here, before the engine starts
+
 
     if rest and not rest[0].startswith("-"):
         rest = ["--model", rest[0], *rest[1:]]
     rest = _with_processor(rest)
+    if defaults.get("prefix_cache") and not any("enable-prefix-caching" in arg for arg in rest):
+        rest.append("--enable-prefix-caching")  # OPRM's aligned rows need vLLM's prefix cache
     extension = _flag_value(rest, "--worker-extension-cls")
     if extension is None:
         rest += ["--worker-extension-cls", WORKER_EXTENSION]

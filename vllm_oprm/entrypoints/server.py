@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from argparse import Namespace
+from collections import OrderedDict
 from types import SimpleNamespace
 from typing import Any
 
@@ -34,7 +36,7 @@ from vllm.entrypoints.serve.utils.api_utils import validate_json_request
 from ..core import OPRMPrompt, Selection, defaults_from_env, parse_options
 from ..core.options import MAX_CHUNKS
 from ..engine.capture import PROCESSOR, WORKER_EXTENSION
-from ..engine.layout import plan_request
+from ..engine.layout import plan_request, prefix_cache_block
 from ..engine.online import OPRMEngineClient, OPRMJob, current_job
 
 router = APIRouter()
@@ -108,7 +110,9 @@ def _plan(request, template: str, options: Any, state) -> OPRMJob:
     max_tokens = getattr(request, "max_completion_tokens", None) or request.max_tokens
     limits = SimpleNamespace(n=request.n or 1, best_of=getattr(request, "best_of", None), max_tokens=max_tokens)
     prompt = OPRMPrompt.from_template(template, context)
-    layout = plan_request(prompt, limits, config, oprm.tokenizer, oprm.max_model_len, request.add_special_tokens)
+    layout = plan_request(
+        prompt, limits, config, oprm.tokenizer, oprm.max_model_len, request.add_special_tokens, oprm.cache_block_size
+    )
     if layout.num_chunks > oprm.max_chunks:
         raise ValueError(
             f"the context makes {layout.num_chunks} chunks of {config.chunk_size} tokens, over this server's limit "
@@ -126,6 +130,11 @@ def selection_json(selection: Selection) -> dict[str, Any]:
         "num_chunks": selection.num_chunks,
         "selected_chunk": selection.selected_chunk,
         "entropies": list(selection.entropies),
+        "prefill_tokens": {
+            "total": selection.prefill_tokens,
+            "cached": selection.cached_tokens,
+            "computed": selection.prefill_tokens - selection.cached_tokens,
+        },
     }
 
 
@@ -158,16 +167,49 @@ def _event_with_selection(event: str, selection: Selection) -> str:
     return "data: " + json.dumps(payload)
 
 
-class OPRMServerState:
-    """Per-app settings: server-wide option defaults and limits, the tokenizer."""
+class RecentDocuments:
+    """A tokenizer that remembers the token ids of the last few long texts it encoded.
 
-    def __init__(self, defaults: dict[str, Any], tokenizer: Any, max_model_len: int):
+    Users ask many questions about one long document; with vLLM's prefix cache
+    holding its chunk states, re-tokenizing it (0.2 s for 128k tokens here) is
+    most of what a repeated question costs. Short texts are encoded as usual.
+    """
+
+    def __init__(self, tokenizer: Any, entries: int = 16, min_chars: int = 10_000):
+        self._tokenizer, self._entries, self._min_chars = tokenizer, entries, min_chars
+        self._recent: OrderedDict[tuple[str, bool], list[int]] = OrderedDict()
+        self._lock = threading.Lock()  # plans run in worker threads
+
+    def __len__(self) -> int:
+        return len(self._tokenizer)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if len(text) < self._min_chars:
+            return self._tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        key = (text, add_special_tokens)
+        with self._lock:
+            if key in self._recent:
+                self._recent.move_to_end(key)
+                return self._recent[key]
+        ids = self._tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        with self._lock:
+            self._recent[key] = ids
+            while len(self._recent) > self._entries:
+                self._recent.popitem(last=False)
+        return ids
+
+
+class OPRMServerState:
+    """Per-app settings: server-wide option defaults and limits, the tokenizer, the engine's cache block."""
+
+    def __init__(self, defaults: dict[str, Any], tokenizer: Any, max_model_len: int, cache_block_size: int | None):
         self.defaults = defaults
         self.max_chunks = defaults.pop("max_chunks", MAX_CHUNKS)
         if self.max_chunks <= 0:
             raise ValueError(f"OPRM_MAX_CHUNKS must be positive, got {self.max_chunks}")
-        self.tokenizer = tokenizer
+        self.tokenizer = RecentDocuments(tokenizer)
         self.max_model_len = max_model_len
+        self.cache_block_size = cache_block_size
 
 
 class OPRMEndpoints:
@@ -193,5 +235,15 @@ class OPRMEndpoints:
         for serving in servings:
             serving.engine_client = OPRMEngineClient(serving.engine_client)
         tokenizer = servings[0].renderer.tokenizer
-        state.oprm = OPRMServerState(defaults_from_env(), tokenizer, engine_client.model_config.max_model_len)
-        parse_options({"context": "-"}, state.oprm.defaults, tokenizer)  # a bad server default fails at start
+        state.oprm = OPRMServerState(
+            defaults_from_env(),
+            tokenizer,
+            engine_client.model_config.max_model_len,
+            prefix_cache_block(engine_client.vllm_config),
+        )
+        # A bad server default fails at start, not on every request.
+        _, config = parse_options({"context": "-"}, state.oprm.defaults, tokenizer)
+        if config.prefix_cache and state.oprm.cache_block_size is None:
+            raise RuntimeError(
+                "--oprm-prefix-cache needs --enable-prefix-caching on a model whose recurrent state vLLM caches"
+            )

@@ -16,6 +16,11 @@ class StateCache(nn.Module, MambaBase):
     of the request in ``slot``. Put fp32 states first so every view stays aligned."""
 
     def __init__(self, shapes, dtypes, vllm_config: VllmConfig, prefix: str):
+        if vllm_config.cache_config.mamba_cache_mode != "none":
+            raise ValueError(
+                f"{vllm_config.model_config.architecture} does not support prefix caching in vllm-oprm "
+                "(its state layer keeps one state per request): start the engine without enable_prefix_caching"
+            )
         nn.Module.__init__(self)
         self.prefix = prefix
         self._shapes, self._dtypes = tuple(shapes), tuple(dtypes)
