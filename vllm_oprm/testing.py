@@ -10,17 +10,12 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
-import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
+
+from .entrypoints.local_server import LocalServer, start_local_server
 
 FAMILIES = ("mamba", "falcon_mamba", "mamba2", "recurrent_gemma", "rwkv6")
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>", "Error")
@@ -117,47 +112,14 @@ def same_words(engine_text: str, reference_text: str) -> bool:
     return engine_text.split() == reference_text.split()
 
 
-@dataclass(frozen=True)
-class Server:
-    url: str  # http://127.0.0.1:PORT
-    pid: int  # the launcher's process; the engine processes are its descendants
-
-
 @contextlib.contextmanager
-def oprm_server(model_dir: str, *server_args: str, timeout_s: float = 300) -> Iterator[Server]:
-    """``vllm-oprm serve MODEL`` on 127.0.0.1 and a free port, stopped on exit."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    launcher = os.path.join(os.path.dirname(sys.executable), "vllm-oprm")
-    command = [launcher, "serve", model_dir, "--host", "127.0.0.1", "--port", str(port), *server_args]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    log = tempfile.NamedTemporaryFile("w+", prefix="vllm-oprm-server-", suffix=".log", delete=False)
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+def oprm_server(model_dir: str, *server_args: str, timeout_s: float = 300) -> Iterator[LocalServer]:
+    """``vllm-oprm serve MODEL`` on 127.0.0.1 and a free port, stopped on exit (``.url``, ``.pid``)."""
+    server = start_local_server(model_dir, server_args, timeout_s=timeout_s)
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if process.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                tail = log.read()[-3000:]
-                raise RuntimeError(f"server did not come up (exit code {process.poll()}); log {log.name}:\n{tail}")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as reply:
-                    if reply.status == 200:
-                        break
-            except OSError:
-                time.sleep(1)
-        yield Server(url, process.pid)
+        yield server
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        log.close()
+        server.stop()
 
 
 def metric(url: str, name: str, **labels: str) -> float:
