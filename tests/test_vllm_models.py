@@ -59,3 +59,39 @@ def test_greedy_and_first_token_logprobs_equal_the_reference(engine_and_referenc
         for token_id, logprob in completion.logprobs[0].items():
             assert logprob.logprob == pytest.approx(first[token_id].item(), abs=1e-4)
 
+
+
+def rwkv6_partition_sizes(model) -> list[int]:
+    """On each rank: a channel mix's key outputs and value inputs, the head's vocabulary rows, and a time
+    mix projection's outputs (vLLM's CPU linears repack their weights, so sizes come from the layers)."""
+    block = model.reference.rwkv.blocks[0]
+    return [block.feed_forward.key.output_size_per_partition, block.feed_forward.value.input_size_per_partition,
+            model.reference.head.weight.shape[0], block.attention.key.out_features]
+
+
+def test_rwkv6_tensor_parallel_2_shards_channel_mix_and_vocab_and_equals_the_reference(tmp_path, monkeypatch):
+    from vllm import LLM
+
+    from vllm_oprm.engine.capture import pin_v1_model_runner
+
+    model, tokenizer = build_model_dir("rwkv6", str(tmp_path), seed=3)
+    pin_v1_model_runner()
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per rank: the CPU worker cannot pick two here
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model pickles a function to the workers
+    llm = LLM(model=str(tmp_path), dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=8,
+              max_num_batched_tokens=64, tensor_parallel_size=2)
+    try:
+        sizes = llm.apply_model(rwkv6_partition_sizes)
+        c = model.config
+        half_vocab = -(-c.vocab_size // 64) * 64 // 2  # vLLM pads the vocabulary to 64 before splitting it
+        assert sizes == [[c.intermediate_size // 2, c.intermediate_size // 2, half_vocab, c.attention_hidden_size]] * 2
+        rng = torch.Generator().manual_seed(1)
+        prompts = [[7]] + [tokenizer.encode(words(rng, n)) for n in (5, 150)]
+        params = SamplingParams(max_tokens=STEPS, temperature=0.0, ignore_eos=True, logprobs=5)
+        for ids, out in zip(prompts, llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)):
+            tokens, first = reference_greedy(model, ids)
+            assert list(out.outputs[0].token_ids) == tokens
+            for token_id, logprob in out.outputs[0].logprobs[0].items():
+                assert logprob.logprob == pytest.approx(first[token_id].item(), abs=1e-4)
+    finally:
+        llm.llm_engine.engine_core.shutdown()

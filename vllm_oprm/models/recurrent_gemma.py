@@ -55,6 +55,9 @@ class RecurrentGemmaForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
         super().__init__()
         from transformers import RecurrentGemmaForCausalLM as HFRecurrentGemma
 
+        if vllm_config.parallel_config.tensor_parallel_size > 1:
+            raise ValueError("RecurrentGemma in vllm-oprm is not sharded: run it with tensor_parallel_size=1")
+
         self.config = vllm_config.model_config.hf_config
         self.hf = HFRecurrentGemma(self.config)
         self.state = GriffinStateCache(self.config, vllm_config.model_config.dtype, vllm_config, f"{prefix}state.0.cache")

@@ -7,7 +7,10 @@ The recurrence itself is ``vllm_oprm.ops.wkv6.wkv6_recurrent_ref``
 through the reference model, so this class equals the reference by
 construction; decodes run batched, prefills one request at a time.
 
-Not sharded: tensor parallelism is not supported (the head is a plain linear).
+Tensor parallelism shards what vLLM's layers can take without touching the
+state: the embedding and the head by vocabulary, and every channel mix (its
+key by columns, its value by rows: half of a Finch model's weights). The time
+mix, and with it the WKV state, is replicated on every rank.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ import torch
 from torch import nn
 from vllm.config import VllmConfig
 from vllm.forward_context import get_forward_context
+from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.models.interfaces import HasInnerState, IsAttentionFree
 
 from ..reference.rwkv6 import Rwkv6Config, Rwkv6State
@@ -27,6 +33,26 @@ from .state_cache import StateCache
 WKV, ATT_SHIFT, FFN_SHIFT = range(3)  # order of the states in a cache block (fp32 first: aligned views)
 
 
+class _ColumnParallel(ColumnParallelLinear):
+    """Returns the output alone, as the reference's ``nn.Linear`` it replaces."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)[0]
+
+
+class _RowParallel(RowParallelLinear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)[0]
+
+
+class _ReplicatedState(StateCache):
+    """Every tensor-parallel rank holds the whole state (the time mix is not sharded)."""
+
+    @property
+    def is_kv_cache_tp_replicated(self) -> bool:
+        return True
+
+
 class Rwkv6ForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
@@ -34,9 +60,16 @@ class Rwkv6ForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
         self.reference = Rwkv6Reference(self.config)
         dtype = vllm_config.model_config.dtype
         c = self.config
+        self.reference.rwkv.embeddings = VocabParallelEmbedding(c.vocab_size, c.hidden_size, prefix=f"{prefix}embeddings")
+        self.reference.head = ParallelLMHead(c.vocab_size, c.hidden_size, prefix=f"{prefix}head")
+        self.logits_processor = LogitsProcessor(c.vocab_size)
+        for layer, block in enumerate(self.reference.rwkv.blocks):
+            name = f"{prefix}blocks.{layer}.feed_forward"
+            block.feed_forward.key = _ColumnParallel(c.hidden_size, c.intermediate_size, bias=False, prefix=f"{name}.key")
+            block.feed_forward.value = _RowParallel(c.intermediate_size, c.hidden_size, bias=False, prefix=f"{name}.value")
         shapes = ((c.num_heads, c.head_size, c.head_size), (c.hidden_size,), (c.hidden_size,))  # WKV, ATT_SHIFT, FFN_SHIFT
         self.states = nn.ModuleList(
-            StateCache(shapes, (torch.float32, dtype, dtype), vllm_config, f"{prefix}states.{layer}.cache")
+            _ReplicatedState(shapes, (torch.float32, dtype, dtype), vllm_config, f"{prefix}states.{layer}.cache")
             for layer in range(c.num_hidden_layers)
         )
 
@@ -85,9 +118,23 @@ class Rwkv6ForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
         return hidden
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.reference.head(hidden_states)
+        return self.logits_processor(self.reference.head, hidden_states)
 
+    @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        self.reference.load_checkpoint_weights(dict(weights))
+        """HF-named Finch weights; sharded layers take their rank's part through vLLM's loaders."""
+        weights = dict(weights)
+        if self.config.tie_word_embeddings and "head.weight" not in weights:
+            weights["head.weight"] = weights["rwkv.embeddings.weight"]
+        params = dict(self.reference.named_parameters())
+        missing = sorted(set(params) - set(weights))
+        if missing:
+            raise ValueError(f"the checkpoint lacks {len(missing)} RWKV6 weights, e.g. {missing[:3]}")
+        for name, param in params.items():
+            loader = getattr(param, "weight_loader", None)
+            if loader is not None:
+                loader(param, weights[name])
+            else:  # replicated: stored in any shape of the same size (time_decay is [1,1,A] or [H,K])
+                param.copy_(weights[name].reshape(param.shape))
         self.reference.rescale_for_half_precision()
-        return {f"reference.{name}" for name, _ in self.reference.named_parameters()}
+        return {f"reference.{name}" for name in params}
