@@ -62,14 +62,16 @@ def test_greedy_and_first_token_logprobs_equal_the_reference(engine_and_referenc
 
 
 def rwkv6_partition_sizes(model) -> list[int]:
-    """On each rank: a channel mix's key outputs and value inputs, the head's vocabulary rows, and a time
-    mix projection's outputs (vLLM's CPU linears repack their weights, so sizes come from the layers)."""
+    """On each rank: a channel mix's key outputs and value inputs, the head's vocabulary rows, a time mix's
+    key outputs and output inputs, its heads in the WKV state (vLLM's CPU linears repack their weights, so
+    sizes come from the layers)."""
     block = model.reference.rwkv.blocks[0]
     return [block.feed_forward.key.output_size_per_partition, block.feed_forward.value.input_size_per_partition,
-            model.reference.head.weight.shape[0], block.attention.key.out_features]
+            model.reference.head.weight.shape[0], block.attention.key.output_size_per_partition,
+            block.attention.output.input_size_per_partition, model.states[0].get_state_shape()[0][0]]
 
 
-def test_rwkv6_tensor_parallel_2_shards_channel_mix_and_vocab_and_equals_the_reference(tmp_path, monkeypatch):
+def test_rwkv6_tensor_parallel_2_shards_heads_channels_and_vocab_and_equals_the_reference(tmp_path, monkeypatch):
     from vllm import LLM
 
     from vllm_oprm.engine.capture import pin_v1_model_runner
@@ -84,7 +86,8 @@ def test_rwkv6_tensor_parallel_2_shards_channel_mix_and_vocab_and_equals_the_ref
         sizes = llm.apply_model(rwkv6_partition_sizes)
         c = model.config
         half_vocab = -(-c.vocab_size // 64) * 64 // 2  # vLLM pads the vocabulary to 64 before splitting it
-        assert sizes == [[c.intermediate_size // 2, c.intermediate_size // 2, half_vocab, c.attention_hidden_size]] * 2
+        inner, attn = c.intermediate_size // 2, c.attention_hidden_size // 2
+        assert sizes == [[inner, inner, half_vocab, attn, attn, c.num_heads // 2]] * 2
         rng = torch.Generator().manual_seed(1)
         prompts = [[7]] + [tokenizer.encode(words(rng, n)) for n in (5, 150)]
         params = SamplingParams(max_tokens=STEPS, temperature=0.0, ignore_eos=True, logprobs=5)

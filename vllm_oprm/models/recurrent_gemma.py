@@ -8,23 +8,49 @@ uniform. The compute is transformers' ``RecurrentGemmaForCausalLM`` run per
 request with that state installed, so the class equals transformers by
 construction.
 
-transformers' recurrent block restarts its conv window on any multi-token
-input, so the part of a prompt that continues from an earlier engine step
-(chunked prefill) is fed one token at a time: exact, but slower.
-Not sharded (no tensor parallelism); eager only.
+The part of a prompt that continues from an earlier engine step (chunked
+prefill) runs in one pass: transformers' recurrent block would restart its conv
+window on a multi-token input, so ``continue_recurrent_block`` prepends the
+cached window, and the attention gets a sliding-window mask over the cached and
+the new keys. Not sharded (no tensor parallelism); eager only.
 """
 
 from __future__ import annotations
 
+import types
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from vllm.config import VllmConfig
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.models.interfaces import HasInnerState, IsAttentionFree
 
 from .state_cache import StateCache
+
+
+def continue_recurrent_block(block, input_states, position_ids, attention_mask, use_cache=True, **kwargs):
+    """transformers' ``RecurrentGemmaRecurrentBlock.forward``, except that a multi-token input that
+    continues a sequence (first position > 0) convolves over the cached conv window before it, as a
+    token-by-token run would; the RG-LRU already continues from its cached state."""
+    if not use_cache or input_states.shape[1] == 1 or int(position_ids[0, 0]) == 0:
+        return type(block).forward(block, input_states, position_ids, attention_mask, use_cache, **kwargs)
+    y_branch = block.act_fn(block.linear_y(input_states))
+    x_branch = torch.cat((block.conv1d_state, block.linear_x(input_states).transpose(1, 2)), dim=-1)
+    block.conv1d_state = x_branch[..., -(block.conv1d_width - 1) :]
+    x_branch = F.conv1d(x_branch, block.conv_1d.weight, block.conv_1d.bias, groups=block.conv_1d.groups)
+    x_branch = block.rg_lru(x_branch.transpose(1, 2), position_ids)
+    return block.linear_out(x_branch * y_branch), None
+
+
+def continuation_mask(first: int, length: int, kept: int, window: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive [1, 1, length, kept + length] mask for queries at ``first..first+length-1`` over the
+    ``kept`` cached keys just before ``first`` and the new ones: causal, within ``window`` tokens."""
+    queries = torch.arange(first, first + length)[:, None]
+    keys = torch.arange(first - kept, first + length)[None, :]
+    allowed = (keys <= queries) & (queries - keys < window)
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
 
 
 class GriffinStateCache(StateCache):
@@ -60,6 +86,9 @@ class RecurrentGemmaForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
 
         self.config = vllm_config.model_config.hf_config
         self.hf = HFRecurrentGemma(self.config)
+        for layer in self.hf.model.layers:
+            if hasattr(layer.temporal_block, "rg_lru"):
+                layer.temporal_block.forward = types.MethodType(continue_recurrent_block, layer.temporal_block)
         self.state = GriffinStateCache(self.config, vllm_config.model_config.dtype, vllm_config, f"{prefix}state.0.cache")
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -99,16 +128,15 @@ class RecurrentGemmaForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
                 cached.lazy_initialization(k[None, :, :0], v[None, :, :0])
                 cached.keys, cached.values = k[None, :, k.shape[1] - kept :].clone(), v[None, :, v.shape[1] - kept :].clone()
                 cached.cumulative_length = seen
-        # A prompt continued from an earlier step (chunked prefill) goes one token at a time: transformers'
-        # recurrent block restarts its conv window on any multi-token input.
-        pieces = [slice(None)] if fresh else [slice(t, t + 1) for t in range(input_ids.shape[0])]
-        hidden = torch.cat([
-            self.hf.model(
-                input_ids=input_ids[None, piece], position_ids=positions[None, piece],
-                past_key_values=cache, use_cache=True,
-            ).last_hidden_state[0]
-            for piece in pieces
-        ])
+        mask = None
+        if not fresh and input_ids.shape[0] > 1:  # a chunked prefill's continuation
+            kept = min(int(count[0].item()), keys[0].shape[1]) if self.state.attention else 0
+            mask = continuation_mask(int(positions[0]), input_ids.shape[0], kept, self.config.attention_window_size,
+                                     self.hf.dtype).to(input_ids.device)
+        hidden = self.hf.model(
+            input_ids=input_ids[None], position_ids=positions[None], attention_mask=mask,
+            past_key_values=cache, use_cache=True,
+        ).last_hidden_state[0]
         for layer, rnn_state, conv_state in zip(self.state.recurrent, rnn, conv):
             rnn_state.copy_(blocks[layer].temporal_block.rg_lru.recurrent_states[0])
             conv_state.copy_(blocks[layer].temporal_block.conv1d_state[0])

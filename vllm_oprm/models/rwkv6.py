@@ -7,10 +7,12 @@ The recurrence itself is ``vllm_oprm.ops.wkv6.wkv6_recurrent_ref``
 through the reference model, so this class equals the reference by
 construction; decodes run batched, prefills one request at a time.
 
-Tensor parallelism shards what vLLM's layers can take without touching the
-state: the embedding and the head by vocabulary, and every channel mix (its
-key by columns, its value by rows: half of a Finch model's weights). The time
-mix, and with it the WKV state, is replicated on every rank.
+Tensor parallelism: the embedding and the head are split by vocabulary, every
+channel mix by columns (key) and rows (value), and every time mix by heads
+(receptance, key, value and gate by columns, output by rows; the decay, bonus
+and group norm of a rank's heads; so the WKV state is split by heads too). The
+token-shift LoRAs, the receptance of the channel mix and the shift states are
+replicated: every rank needs them whole.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 from vllm.config import VllmConfig
+from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
@@ -45,12 +48,36 @@ class _RowParallel(RowParallelLinear):
         return super().forward(x)[0]
 
 
-class _ReplicatedState(StateCache):
-    """Every tensor-parallel rank holds the whole state (the time mix is not sharded)."""
+def _rank_part(shape: tuple[int, ...], dim: int, rank: int, full_shape: tuple[int, ...]) -> nn.Parameter:
+    """A parameter of this rank's ``shape`` that loads its slice, along ``dim``, of the full tensor
+    (stored in any shape of ``full_shape``'s size, as Finch checkpoints store ``time_decay``)."""
+    part = nn.Parameter(torch.empty(shape), requires_grad=False)
+    size = shape[dim]
 
-    @property
-    def is_kv_cache_tp_replicated(self) -> bool:
-        return True
+    def load(target: nn.Parameter, full: torch.Tensor) -> None:
+        target.copy_(full.reshape(full_shape).narrow(dim, rank * size, size))
+
+    part.weight_loader = load
+    return part
+
+
+def shard_time_mix(attention: nn.Module, config: Rwkv6Config, rank: int, ranks: int, prefix: str) -> None:
+    """Give ``attention`` (the reference's time mix) only this rank's heads."""
+    if config.num_heads % ranks:
+        raise ValueError(f"RWKV6 has {config.num_heads} heads, not divisible by tensor_parallel_size {ranks}")
+    hidden, attn, heads = config.hidden_size, config.attention_hidden_size, config.num_heads // ranks
+    width = attn // ranks
+    for name in ("receptance", "key", "value", "gate"):
+        setattr(attention, name, _ColumnParallel(hidden, attn, bias=False, prefix=f"{prefix}.{name}"))
+    attention.output = _RowParallel(attn, hidden, bias=False, prefix=f"{prefix}.output")
+    attention.num_heads = heads
+    extra = config.time_decay_extra_dim
+    attention.time_decay = _rank_part((1, 1, width), 2, rank, (1, 1, attn))
+    attention.time_decay_w2 = _rank_part((extra, width), 1, rank, (extra, attn))
+    attention.time_faaaa = _rank_part((heads, config.head_size), 0, rank, (config.num_heads, config.head_size))
+    attention.ln_x = nn.GroupNorm(heads, width, eps=attention.ln_x.eps)
+    attention.ln_x.weight = _rank_part((width,), 0, rank, (attn,))
+    attention.ln_x.bias = _rank_part((width,), 0, rank, (attn,))
 
 
 class Rwkv6ForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
@@ -60,6 +87,8 @@ class Rwkv6ForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
         self.reference = Rwkv6Reference(self.config)
         dtype = vllm_config.model_config.dtype
         c = self.config
+        rank, ranks = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+        self.heads = c.num_heads // ranks
         self.reference.rwkv.embeddings = VocabParallelEmbedding(c.vocab_size, c.hidden_size, prefix=f"{prefix}embeddings")
         self.reference.head = ParallelLMHead(c.vocab_size, c.hidden_size, prefix=f"{prefix}head")
         self.logits_processor = LogitsProcessor(c.vocab_size)
@@ -67,9 +96,10 @@ class Rwkv6ForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
             name = f"{prefix}blocks.{layer}.feed_forward"
             block.feed_forward.key = _ColumnParallel(c.hidden_size, c.intermediate_size, bias=False, prefix=f"{name}.key")
             block.feed_forward.value = _RowParallel(c.intermediate_size, c.hidden_size, bias=False, prefix=f"{name}.value")
-        shapes = ((c.num_heads, c.head_size, c.head_size), (c.hidden_size,), (c.hidden_size,))  # WKV, ATT_SHIFT, FFN_SHIFT
+            shard_time_mix(block.attention, c, rank, ranks, f"{prefix}blocks.{layer}.attention")
+        shapes = ((self.heads, c.head_size, c.head_size), (c.hidden_size,), (c.hidden_size,))  # WKV, ATT_SHIFT, FFN_SHIFT
         self.states = nn.ModuleList(
-            _ReplicatedState(shapes, (torch.float32, dtype, dtype), vllm_config, f"{prefix}states.{layer}.cache")
+            StateCache(shapes, (torch.float32, dtype, dtype), vllm_config, f"{prefix}states.{layer}.cache")
             for layer in range(c.num_hidden_layers)
         )
 
@@ -79,7 +109,7 @@ class Rwkv6ForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, intermediate_tensors=None, inputs_embeds=None, **kwargs):
         metadata = get_forward_context().attn_metadata
         if metadata is None:  # vLLM's profiling and warm-up runs: no requests, no cache
-            return self.reference.backbone(input_ids[None])[0][0]
+            return self.reference.backbone(input_ids[None], self._zero_state(input_ids.device))[0][0]
         meta = metadata[self.states[0].prefix]
         hidden = torch.zeros(input_ids.shape[0], self.config.hidden_size, dtype=self.reference.dtype, device=input_ids.device)
         starts = meta.query_start_loc.tolist()
@@ -98,6 +128,12 @@ class Rwkv6ForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
             fresh = lengths[i] == end - start  # nothing computed before this chunk of the prompt
             hidden[start:end] = self._run(input_ids[start:end][None], [slots[i]], [fresh])[0]
         return hidden
+
+    def _zero_state(self, device) -> Rwkv6State:
+        c, dtype = self.config, self.reference.dtype
+        shift = torch.zeros(c.num_hidden_layers, 1, c.hidden_size, dtype=dtype, device=device)
+        wkv = torch.zeros(c.num_hidden_layers, 1, self.heads, c.head_size, c.head_size, device=device)
+        return Rwkv6State(att_shift=shift, wkv=wkv, ffn_shift=shift.clone())
 
     def _run(self, input_ids: torch.Tensor, slots: list[int], fresh: list[bool]) -> torch.Tensor:
         """Run rows from their cached states (zeros where fresh) and store the states after them."""
