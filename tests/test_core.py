@@ -167,6 +167,8 @@ def test_prefix_cache_rows_are_aligned_and_a_warmup_caches_the_prefix():
     assert layout.warmup == prefix[:4] + [prefix[4]]  # one token past P's last boundary (4)
     assert build_rows(tp, OPRMConfig(chunk_size=12), cache_block_size=None).warmup is None
     assert build_rows(tp, OPRMConfig(chunk_size=40, prefix_cache=True), cache_block_size=4).warmup is None  # one row
+    fits = build_rows(tp, OPRMConfig(chunk_size=30, prefix_cache=True), cache_block_size=4)
+    assert fits.rows == [tp.vanilla_ids] and fits.warmup is None  # one chunk stays the vanilla prompt
     short = OPRMPrompt([1, 2], context, suffix).tokenize()
     assert build_rows(short, OPRMConfig(chunk_size=12, prefix_cache=True), cache_block_size=4).warmup is None
 

@@ -50,9 +50,10 @@ def aligned_chunk_size(prefix_length: int, chunk_size: int, block_size: int) -> 
 
 def context_chunks(prompt: TokenizedPrompt, config: OPRMConfig, cache_block_size: int | None = None) -> list[TokenIds]:
     """The context chunks that become parallel rows ``[P, C_i, S]``; with
-    ``cache_block_size`` their lengths are block aligned (see ``aligned_chunk_size``)."""
+    ``cache_block_size`` their lengths are block aligned (see ``aligned_chunk_size``),
+    unless the whole context fits in one chunk: that stays the vanilla prompt."""
     size = config.chunk_size
-    if cache_block_size is not None:
+    if cache_block_size is not None and len(prompt.context_ids) > size:
         size = aligned_chunk_size(len(prompt.prefix_ids), size, cache_block_size)
     if config.mode == "last":
         return [prompt.context_ids[-size:]]
