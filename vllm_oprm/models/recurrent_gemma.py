@@ -4,15 +4,15 @@ The whole model's state is one ``MambaBase`` layer: per recurrent block the
 conv window and the fp32 RG-LRU state, per local-attention block the last
 ``attention_window_size - 1`` keys and values (a fixed-size window, so it is a
 recurrent state too) and the token count. One layer keeps vLLM's state pages
-uniform. The compute is transformers' ``RecurrentGemmaForCausalLM`` run per
-request with that state installed, so the class equals transformers by
-construction.
-
-The part of a prompt that continues from an earlier engine step (chunked
-prefill) runs in one pass: transformers' recurrent block would restart its conv
-window on a multi-token input, so ``continue_recurrent_block`` prepends the
-cached window, and the attention gets a sliding-window mask over the cached and
-the new keys. Not sharded (no tensor parallelism); eager only.
+uniform. The compute is transformers' ``RecurrentGemmaForCausalLM`` with
+those states installed, so the class equals transformers by construction: a
+whole prompt runs alone, as transformers runs it; decodes run batched, and the
+part of a prompt that continues from an earlier engine step (chunked prefill)
+in one pass. Both get every cached attention window and a mask keeping each
+row's valid keys within its window; a continuation's recurrent block convolves
+over its cached conv window (``continue_recurrent_block``), which transformers
+would restart on a multi-token input. Not sharded (no tensor parallelism);
+eager only.
 """
 
 from __future__ import annotations
@@ -44,13 +44,15 @@ def continue_recurrent_block(block, input_states, position_ids, attention_mask, 
     return block.linear_out(x_branch * y_branch), None
 
 
-def continuation_mask(first: int, length: int, kept: int, window: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive [1, 1, length, kept + length] mask for queries at ``first..first+length-1`` over the
-    ``kept`` cached keys just before ``first`` and the new ones: causal, within ``window`` tokens."""
-    queries = torch.arange(first, first + length)[:, None]
-    keys = torch.arange(first - kept, first + length)[None, :]
-    allowed = (keys <= queries) & (queries - keys < window)
-    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+def window_mask(first: torch.Tensor, length: int, kept: torch.Tensor, slots: int, window: int, dtype) -> torch.Tensor:
+    """Additive [rows, 1, length, slots + length] attention mask for rows whose queries sit at
+    ``first[b]..first[b]+length-1``, over ``slots`` cached keys (row b's valid ones are the last
+    ``kept[b]``, just before ``first[b]``) and the new keys: causal, within ``window`` tokens."""
+    queries = first[:, None, None] + torch.arange(length)[None, :, None]
+    keys = first[:, None, None] - slots + torch.arange(slots + length)[None, None, :]
+    cached_valid = torch.arange(slots + length)[None, None, :] >= slots - kept[:, None, None]
+    allowed = cached_valid & (keys <= queries) & (queries - keys < window)
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 class GriffinStateCache(StateCache):
@@ -67,13 +69,17 @@ class GriffinStateCache(StateCache):
         super().__init__(shapes, dtypes, vllm_config, prefix)
         self.recurrent, self.attention = recurrent, attention
 
-    def views(self, slot: int) -> tuple[list, list, list, list, list]:
-        """This slot's (rnn, count, conv, keys, values) tensors, one per block of each kind."""
+    def views(self, index: torch.Tensor) -> tuple[list, list, list, list, list]:
+        """The (rnn, count, conv, keys, values) states of the slots in ``index``, one per block of each
+        kind, gathered into [rows, ...] tensors."""
         r, a = len(self.recurrent), len(self.attention)
-        states = [state[slot] for state in self.kv_cache]
-        rnn, count, conv = states[:r], states[r : r + a], states[r + a : 2 * r + a]
+        states = [state[index] for state in self.kv_cache]
         kv = states[2 * r + a :]
-        return rnn, count, conv, kv[0::2], kv[1::2]
+        return states[:r], states[r : r + a], states[r + a : 2 * r + a], kv[0::2], kv[1::2]
+
+    def store(self, index: torch.Tensor, rnn, count, conv, keys, values) -> None:
+        for state, new in zip(self.kv_cache, [*rnn, *count, *conv, *(t for kv in zip(keys, values) for t in kv)]):
+            state[index] = new.to(state.dtype)
 
 
 class RecurrentGemmaForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
@@ -101,51 +107,67 @@ class RecurrentGemmaForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
         meta = metadata[self.state.prefix]
         hidden = torch.zeros(input_ids.shape[0], self.config.hidden_size, dtype=self.hf.dtype, device=input_ids.device)
         starts, lengths, slots = meta.query_start_loc.tolist(), meta.seq_lens.tolist(), meta.state_indices_tensor.tolist()
-        for i in range(meta.num_decodes + meta.num_prefills):
+        decodes = [i for i in range(meta.num_decodes) if slots[i] >= 0]
+        if decodes:  # one token each, first in the batch: one batched step
+            at = torch.tensor([starts[i] for i in decodes], device=input_ids.device)
+            fresh = [lengths[i] == 1 for i in decodes]  # a new one-token prompt starts from zero
+            hidden[at] = self._run(input_ids[at][:, None], positions[at][:, None], [slots[i] for i in decodes], fresh)[:, 0]
+        for i in range(meta.num_decodes, meta.num_decodes + meta.num_prefills):
             start, end = starts[i], starts[i + 1]
             if slots[i] < 0:
                 continue
             fresh = lengths[i] == end - start  # nothing of this request computed before
-            hidden[start:end] = self._run(input_ids[start:end], positions[start:end], slots[i], fresh)
+            hidden[start:end] = self._run(input_ids[None, start:end], positions[None, start:end], [slots[i]], [fresh])[0]
         return hidden
 
-    def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, slot: int, fresh: bool) -> torch.Tensor:
+    def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: list[int], fresh: list[bool]) -> torch.Tensor:
+        """Rows of equal length [rows, length] from their cached states (zeros where fresh); stores the states after them.
+
+        A whole fresh prompt runs as transformers runs it. Anything else (decodes, a chunked prefill's
+        continuation) gets every cached attention window in full and a mask that keeps each row's valid
+        keys and its own window."""
         from transformers import DynamicCache
 
-        rnn, count, conv, keys, values = self.state.views(slot)
+        device, rows, length = input_ids.device, input_ids.shape[0], input_ids.shape[1]
+        index = torch.tensor(slots, device=device)
+        rnn, count, conv, keys, values = self.state.views(index)
         blocks = self.hf.model.layers
         cache = DynamicCache(config=self.config)
-        if fresh:
-            self.hf.model._setup_cache(self.config, 1, input_ids.device, self.hf.dtype)
-        else:
-            for layer, rnn_state, conv_state in zip(self.state.recurrent, rnn, conv):
-                blocks[layer].temporal_block.rg_lru.recurrent_states = rnn_state[None].clone()
-                blocks[layer].temporal_block.conv1d_state = conv_state[None].clone()
-            for layer, seen, k, v in zip(self.state.attention, count, keys, values):
-                seen = int(seen.item())
-                kept = min(seen, k.shape[1])
-                cached = cache.layers[layer]
-                cached.lazy_initialization(k[None, :, :0], v[None, :, :0])
-                cached.keys, cached.values = k[None, :, k.shape[1] - kept :].clone(), v[None, :, v.shape[1] - kept :].clone()
-                cached.cumulative_length = seen
         mask = None
-        if not fresh and input_ids.shape[0] > 1:  # a chunked prefill's continuation
-            kept = min(int(count[0].item()), keys[0].shape[1]) if self.state.attention else 0
-            mask = continuation_mask(int(positions[0]), input_ids.shape[0], kept, self.config.attention_window_size,
-                                     self.hf.dtype).to(input_ids.device)
+        whole_prompt = rows == 1 and fresh[0]
+        if whole_prompt:
+            self.hf.model._setup_cache(self.config, 1, device, self.hf.dtype)
+            count = [torch.zeros_like(seen) for seen in count]
+        else:
+            keep = torch.tensor([not f for f in fresh], device=device)
+            rnn = [state * keep[:, None] for state in rnn]
+            conv = [state * keep[:, None, None].to(state.dtype) for state in conv]
+            count = [seen * keep[:, None] for seen in count]
+            for layer, rnn_state, conv_state in zip(self.state.recurrent, rnn, conv):
+                blocks[layer].temporal_block.rg_lru.recurrent_states = rnn_state.clone()
+                blocks[layer].temporal_block.conv1d_state = conv_state.clone()
+            slots_kv = keys[0].shape[2] if keys else 0
+            for layer, k, v in zip(self.state.attention, keys, values):
+                cached = cache.layers[layer]
+                cached.lazy_initialization(k, v)
+                cached.keys, cached.values, cached.cumulative_length = k.clone(), v.clone(), slots_kv
+            kept = count[0][:, 0].long().clamp(max=slots_kv) if count else torch.zeros(rows, dtype=torch.long)
+            mask = window_mask(positions[:, 0].cpu(), length, kept.cpu(), slots_kv, self.config.attention_window_size,
+                               self.hf.dtype).to(device)
         hidden = self.hf.model(
-            input_ids=input_ids[None], position_ids=positions[None], attention_mask=mask,
-            past_key_values=cache, use_cache=True,
-        ).last_hidden_state[0]
-        for layer, rnn_state, conv_state in zip(self.state.recurrent, rnn, conv):
-            rnn_state.copy_(blocks[layer].temporal_block.rg_lru.recurrent_states[0])
-            conv_state.copy_(blocks[layer].temporal_block.conv1d_state[0])
-        for layer, seen, k, v in zip(self.state.attention, count, keys, values):
+            input_ids=input_ids, position_ids=positions, attention_mask=mask, past_key_values=cache, use_cache=True
+        ).last_hidden_state
+        rnn = [blocks[layer].temporal_block.rg_lru.recurrent_states for layer in self.state.recurrent]
+        conv = [blocks[layer].temporal_block.conv1d_state for layer in self.state.recurrent]
+        count = [seen + length for seen in count]
+        window = []
+        for layer, k, v in zip(self.state.attention, keys, values):
             cached = cache.layers[layer]
-            kept = cached.keys.shape[-2]
-            seen.fill_(cached.cumulative_length)
-            k[:, k.shape[1] - kept :].copy_(cached.keys[0])
-            v[:, v.shape[1] - kept :].copy_(cached.values[0])
+            kept = cached.keys.shape[-2]  # a whole prompt shorter than the window keeps fewer: right-aligned
+            k, v = k.clone(), v.clone()
+            k[:, :, k.shape[2] - kept :], v[:, :, v.shape[2] - kept :] = cached.keys, cached.values
+            window.append((k, v))
+        self.state.store(index, rnn, count, conv, [k for k, _ in window], [v for _, v in window])
         return hidden
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
