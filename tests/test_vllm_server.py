@@ -188,7 +188,10 @@ def test_one_slot_while_decoding_and_disconnect_aborts(server):
     abandoned = metric(url, "oprm_requests_total", outcome="abandoned")
     stream = complete(server, *layout(seed=13), max_tokens=MAX_MODEL_LEN - 64, stream=True)
     for number, _ in enumerate(stream):
-        if number == 2:  # selection made, the winner is decoding
+        if number == 2:  # selection made, the winner is decoding (the gauge follows engine steps: poll it)
+            deadline = time.monotonic() + 5
+            while metric(url, "vllm:num_requests_running") != 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
             assert metric(url, "vllm:num_requests_running") == 1  # 5 chunks prefilled, 4 aborted
             break
     stream.close()  # the client goes away mid-request

@@ -38,6 +38,9 @@ class OPRMJob:
     max_model_len: int
     selection: Selection | None = None
     claimed: bool = False
+    # The fan-out generator, once vLLM has asked for it: the server closes it when the HTTP stream
+    # ends, since the generators vLLM wraps around it are left to the garbage collector.
+    outputs: AsyncGenerator[RequestOutput, None] | None = None
 
 
 current_job: contextvars.ContextVar[OPRMJob | None] = contextvars.ContextVar("oprm_job", default=None)
@@ -57,7 +60,8 @@ class OPRMEngineClient:
         if job is None or job.claimed or not isinstance(sampling_params, SamplingParams):
             return self._client.generate(prompt, sampling_params, request_id, *args, **kwargs)
         job.claimed = True  # one prompt per job; the server refuses prompt lists
-        return self._fan_out(job, sampling_params, request_id, args, kwargs)
+        job.outputs = self._fan_out(job, sampling_params, request_id, args, kwargs)
+        return job.outputs
 
     async def _fan_out(
         self, job: OPRMJob, params: SamplingParams, parent_id: str, args: tuple, kwargs: dict

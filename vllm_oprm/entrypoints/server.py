@@ -138,11 +138,30 @@ def selection_json(selection: Selection) -> dict[str, Any]:
     }
 
 
+class ClosingStreamingResponse(StreamingResponse):
+    """A streaming response that closes its body however the stream ends.
+
+    Starlette leaves the body iterator suspended when the client goes away
+    while a chunk is being sent; without an explicit close, the OPRM request's
+    chunk requests would be aborted only when the garbage collector gets to it.
+    """
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
 def _with_selection(response, job: OPRMJob):
     """Add ``oprm`` to a JSON response, or to each streamed event once it is known."""
     if isinstance(response, StreamingResponse):
-        response.body_iterator = _stream_with_selection(response.body_iterator, job)
-        return response
+        return ClosingStreamingResponse(
+            _stream_with_selection(response.body_iterator, job),
+            status_code=response.status_code,
+            headers=dict(response.headers),
+            background=response.background,
+        )
     if isinstance(response, JSONResponse) and response.status_code == 200 and job.selection is not None:
         body = json.loads(response.body)
         body["oprm"] = selection_json(job.selection)
@@ -152,11 +171,16 @@ def _with_selection(response, job: OPRMJob):
 
 
 async def _stream_with_selection(events, job: OPRMJob):
-    async for chunk in events:
-        if job.selection is not None:
-            text = chunk if isinstance(chunk, str) else chunk.decode()
-            chunk = "\n\n".join(_event_with_selection(event, job.selection) for event in text.split("\n\n"))
-        yield chunk
+    try:
+        async for chunk in events:
+            if job.selection is not None:
+                text = chunk if isinstance(chunk, str) else chunk.decode()
+                chunk = "\n\n".join(_event_with_selection(event, job.selection) for event in text.split("\n\n"))
+            yield chunk
+    finally:  # the fan-out first: its cleanup aborts the chunk requests still in the engine
+        if job.outputs is not None:
+            await job.outputs.aclose()
+        await events.aclose()
 
 
 def _event_with_selection(event: str, selection: Selection) -> str:
