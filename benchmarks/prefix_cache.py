@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .speed import RESULTS
+from .speed import RESULTS, plot_runs
 
 
 async def ask(client, model: str, prefix: str, context: str, question: str, oprm: dict, max_tokens: int) -> dict:
@@ -75,15 +75,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for run in dict.fromkeys(row["run"] for row in rows):
-        points = [r for r in rows if r["run"] == run]
-        ax.plot([r["context"] for r in points], [r["ttft_s"] for r in points], marker="o", label=run)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("context tokens")
-    ax.set_ylabel("time to first token, s")
-    ax.set_title("OPRM questions on one document")
-    ax.legend()
+    plot_runs(ax, rows, "ttft_s", "time to first token, s", "OPRM questions on one document")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -112,6 +112,19 @@ def measure(server, model: str, requests: list[tuple[str, dict | None]], concurr
     }
 
 
+def plot_runs(ax, rows: list[dict], value: str, label: str, title: str) -> None:
+    """One line per run of ``rows[value]`` over context length, both axes logarithmic."""
+    for run in dict.fromkeys(row["run"] for row in rows):
+        points = [r for r in rows if r["run"] == run]
+        ax.plot([r["context"] for r in points], [r[value] for r in points], marker="o", label=run)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context tokens")
+    ax.set_ylabel(label)
+    ax.set_title(title)
+    ax.legend()
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -121,15 +134,8 @@ def plot(rows: list[dict], path: Path) -> None:
     concurrencies = sorted({row["concurrency"] for row in rows})
     fig, axes = plt.subplots(1, len(concurrencies), figsize=(5 * len(concurrencies), 4), squeeze=False)
     for ax, concurrency in zip(axes[0], concurrencies):
-        for run in dict.fromkeys(row["run"] for row in rows):
-            points = [r for r in rows if r["run"] == run and r["concurrency"] == concurrency]
-            ax.plot([r["context"] for r in points], [r["latency_s"] for r in points], marker="o", label=run)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("context tokens")
-        ax.set_ylabel("end-to-end seconds per request")
-        ax.set_title(f"{concurrency} concurrent request(s)")
-        ax.legend()
+        plot_runs(ax, [r for r in rows if r["concurrency"] == concurrency], "latency_s",
+                  "end-to-end seconds per request", f"{concurrency} concurrent request(s)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

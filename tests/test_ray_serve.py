@@ -1,6 +1,5 @@
 """Two `vllm-oprm serve` replicas behind one Ray Serve endpoint (local Ray, CPU), with the `openai` client."""
 
-import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -23,13 +22,12 @@ SERVER_ARGS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "512"
 def endpoint(tmp_path_factory):
     from ray import serve
 
+    from vllm_oprm.entrypoints.local_server import free_port
     from vllm_oprm.entrypoints.ray_serve import deploy
 
     path = str(tmp_path_factory.mktemp("mamba2"))
     model, tokenizer = build_model_dir("mamba2", path, seed=5)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         url = deploy(path, SERVER_ARGS, replicas=2, port=port, num_cpus=1)

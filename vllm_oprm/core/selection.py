@@ -33,6 +33,10 @@ class Selection:
     prefill_tokens: int = 0
     cached_tokens: int = 0
 
+    @property
+    def computed_tokens(self) -> int:
+        return self.prefill_tokens - self.cached_tokens
+
 
 @dataclass
 class ChunkSelector:

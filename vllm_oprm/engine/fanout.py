@@ -149,9 +149,7 @@ class FanOut:
 
     def selection(self) -> Selection:
         result = self.selector.result()
-        submitted = [c for batch in self.batches[: self.next_batch] for c in batch]
-        if self.warmup is not None:
-            submitted.append(WARMUP)
+        submitted = self._submitted() + ([WARMUP] if self.warmup is not None else [])
         return dataclasses.replace(
             result,
             selected_chunk=None if self.summarize else result.selected_chunk,
@@ -164,5 +162,8 @@ class FanOut:
 
     def unscored_children(self) -> list[str]:
         """Submitted chunks never scored: their records, if any, are still in the worker."""
-        submitted = [c for batch in self.batches[: self.next_batch] for c in batch]
-        return [self.child_id(c) for c in submitted if c not in self.scored]
+        return [self.child_id(c) for c in self._submitted() if c not in self.scored]
+
+    def _submitted(self) -> list[int]:
+        """Chunks of every batch submitted so far."""
+        return [c for batch in self.batches[: self.next_batch] for c in batch]

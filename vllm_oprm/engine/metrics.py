@@ -33,7 +33,7 @@ def record_request(request_id: str, mode: str, selection: Selection | None, num_
     chosen = None if selection is None else selection.selected_chunk
     if selection is not None:
         PREFILL_TOKENS.labels(source="cached").inc(selection.cached_tokens)
-        PREFILL_TOKENS.labels(source="computed").inc(selection.prefill_tokens - selection.cached_tokens)
+        PREFILL_TOKENS.labels(source="computed").inc(selection.computed_tokens)
     if chosen is not None:
         SELECTED_ENTROPY.observe(selection.entropies[chosen])
     logger.debug("oprm %s: mode %s, %d chunks, selected %s, %s", request_id, mode, num_chunks, chosen, outcome)

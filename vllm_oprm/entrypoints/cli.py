@@ -38,7 +38,6 @@ def server_argv(argv: list[str], environ: MutableMapping[str, str]) -> list[str]
             environ[ENV_DEFAULTS[name]] = value
     defaults = defaults_from_env(environ)  # a malformed value fails here, before the engine starts
 
-
     if rest and not rest[0].startswith("-"):
         rest = ["--model", rest[0], *rest[1:]]
     rest = _with_processor(rest)

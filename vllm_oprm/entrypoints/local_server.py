@@ -45,15 +45,20 @@ class LocalServer:
             self.process.wait()
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def start_local_server(
     model: str, server_args: Sequence[str] = (), env: Mapping[str, str] | None = None, timeout_s: float = 300
 ) -> LocalServer:
     """Start ``vllm-oprm serve MODEL ARGS`` and wait for ``/health``; on failure, a RuntimeError with the log's tail.
 
     ``VLLM_CPU_KVCACHE_SPACE`` defaults to 1 GiB (vLLM's CPU build refuses to start without it)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     launcher = os.path.join(os.path.dirname(sys.executable), "vllm-oprm")
     command = [launcher, "serve", model, "--host", "127.0.0.1", "--port", str(port), *server_args]
     environ = {**os.environ, **(env or {})}

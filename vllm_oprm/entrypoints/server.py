@@ -133,7 +133,7 @@ def selection_json(selection: Selection) -> dict[str, Any]:
         "prefill_tokens": {
             "total": selection.prefill_tokens,
             "cached": selection.cached_tokens,
-            "computed": selection.prefill_tokens - selection.cached_tokens,
+            "computed": selection.computed_tokens,
         },
     }
 

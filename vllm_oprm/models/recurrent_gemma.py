@@ -147,10 +147,10 @@ class RecurrentGemmaForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
                 blocks[layer].temporal_block.rg_lru.recurrent_states = rnn_state.clone()
                 blocks[layer].temporal_block.conv1d_state = conv_state.clone()
             slots_kv = keys[0].shape[2] if keys else 0
-            for layer, k, v in zip(self.state.attention, keys, values):
+            for layer, k, v in zip(self.state.attention, keys, values):  # gathered copies: the cache may keep them
                 cached = cache.layers[layer]
                 cached.lazy_initialization(k, v)
-                cached.keys, cached.values, cached.cumulative_length = k.clone(), v.clone(), slots_kv
+                cached.keys, cached.values, cached.cumulative_length = k, v, slots_kv
             kept = count[0][:, 0].long().clamp(max=slots_kv) if count else torch.zeros(rows, dtype=torch.long)
             mask = window_mask(positions[:, 0].cpu(), length, kept.cpu(), slots_kv, self.config.attention_window_size,
                                self.hf.dtype).to(device)
@@ -160,14 +160,11 @@ class RecurrentGemmaForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
         rnn = [blocks[layer].temporal_block.rg_lru.recurrent_states for layer in self.state.recurrent]
         conv = [blocks[layer].temporal_block.conv1d_state for layer in self.state.recurrent]
         count = [seen + length for seen in count]
-        window = []
-        for layer, k, v in zip(self.state.attention, keys, values):
+        for layer, k, v in zip(self.state.attention, keys, values):  # the cache replaced its keys: k, v are free
             cached = cache.layers[layer]
             kept = cached.keys.shape[-2]  # a whole prompt shorter than the window keeps fewer: right-aligned
-            k, v = k.clone(), v.clone()
             k[:, :, k.shape[2] - kept :], v[:, :, v.shape[2] - kept :] = cached.keys, cached.values
-            window.append((k, v))
-        self.state.store(index, rnn, count, conv, [k for k, _ in window], [v for _, v in window])
+        self.state.store(index, rnn, count, conv, keys, values)
         return hidden
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -109,7 +109,8 @@ class Rwkv6ForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, intermediate_tensors=None, inputs_embeds=None, **kwargs):
         metadata = get_forward_context().attn_metadata
         if metadata is None:  # vLLM's profiling and warm-up runs: no requests, no cache
-            return self.reference.backbone(input_ids[None], self._zero_state(input_ids.device))[0][0]
+            state = Rwkv6State.zeros(self.config, 1, self.reference.dtype, input_ids.device, num_heads=self.heads)
+            return self.reference.backbone(input_ids[None], state)[0][0]
         meta = metadata[self.states[0].prefix]
         hidden = torch.zeros(input_ids.shape[0], self.config.hidden_size, dtype=self.reference.dtype, device=input_ids.device)
         starts = meta.query_start_loc.tolist()
@@ -128,12 +129,6 @@ class Rwkv6ForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
             fresh = lengths[i] == end - start  # nothing computed before this chunk of the prompt
             hidden[start:end] = self._run(input_ids[start:end][None], [slots[i]], [fresh])[0]
         return hidden
-
-    def _zero_state(self, device) -> Rwkv6State:
-        c, dtype = self.config, self.reference.dtype
-        shift = torch.zeros(c.num_hidden_layers, 1, c.hidden_size, dtype=dtype, device=device)
-        wkv = torch.zeros(c.num_hidden_layers, 1, self.heads, c.head_size, c.head_size, device=device)
-        return Rwkv6State(att_shift=shift, wkv=wkv, ffn_shift=shift.clone())
 
     def _run(self, input_ids: torch.Tensor, slots: list[int], fresh: list[bool]) -> torch.Tensor:
         """Run rows from their cached states (zeros where fresh) and store the states after them."""
@@ -156,21 +151,8 @@ class Rwkv6ForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.logits_processor(self.reference.head, hidden_states)
 
-    @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """HF-named Finch weights; sharded layers take their rank's part through vLLM's loaders."""
-        weights = dict(weights)
-        if self.config.tie_word_embeddings and "head.weight" not in weights:
-            weights["head.weight"] = weights["rwkv.embeddings.weight"]
-        params = dict(self.reference.named_parameters())
-        missing = sorted(set(params) - set(weights))
-        if missing:
-            raise ValueError(f"the checkpoint lacks {len(missing)} RWKV6 weights, e.g. {missing[:3]}")
-        for name, param in params.items():
-            loader = getattr(param, "weight_loader", None)
-            if loader is not None:
-                loader(param, weights[name])
-            else:  # replicated: stored in any shape of the same size (time_decay is [1,1,A] or [H,K])
-                param.copy_(weights[name].reshape(param.shape))
+        self.reference.load_checkpoint_weights(dict(weights))
         self.reference.rescale_for_half_precision()
-        return {f"reference.{name}" for name in params}
+        return {f"reference.{name}" for name, _ in self.reference.named_parameters()}

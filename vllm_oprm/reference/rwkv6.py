@@ -72,11 +72,14 @@ class Rwkv6State:
     ffn_shift: torch.Tensor  # [layers, B, hidden]
 
     @classmethod
-    def zeros(cls, config: Rwkv6Config, batch: int, dtype: torch.dtype, device) -> "Rwkv6State":
-        layers, hidden = config.num_hidden_layers, config.hidden_size
+    def zeros(
+        cls, config: Rwkv6Config, batch: int, dtype: torch.dtype, device, num_heads: int | None = None
+    ) -> "Rwkv6State":
+        """Zero state; ``num_heads`` defaults to all heads (a tensor-parallel rank holds fewer)."""
+        layers, hidden, heads = config.num_hidden_layers, config.hidden_size, num_heads or config.num_heads
         return cls(
             torch.zeros(layers, batch, hidden, dtype=dtype, device=device),
-            torch.zeros(layers, batch, config.num_heads, config.head_size, config.head_size, device=device),
+            torch.zeros(layers, batch, heads, config.head_size, config.head_size, device=device),
             torch.zeros(layers, batch, hidden, dtype=dtype, device=device),
         )
 
@@ -288,15 +291,22 @@ class Rwkv6ForCausalLM(nn.Module):
 
     @torch.no_grad()
     def load_checkpoint_weights(self, weights: dict[str, torch.Tensor], source: str = "the checkpoint") -> None:
-        """Copy HF-named Finch weights in, whatever shape they are stored in."""
-        own = self.state_dict()
+        """Copy HF-named Finch weights in, whatever shape they are stored in.
+
+        A parameter carrying a ``weight_loader`` (the vLLM class's sharded layers) takes
+        its own part of the full tensor through it."""
+        own = dict(self.named_parameters())
         if self.config.tie_word_embeddings and "head.weight" not in weights:
             weights = {**weights, "head.weight": weights["rwkv.embeddings.weight"]}
         missing = sorted(set(own) - set(weights))
         if missing:
             raise ValueError(f"{source} lacks {len(missing)} weights, e.g. {missing[:3]}")
-        for name, tensor in own.items():
-            tensor.copy_(weights[name].reshape(tensor.shape))  # time_decay is stored [1,1,A] or [H,K]
+        for name, param in own.items():
+            loader = getattr(param, "weight_loader", None)
+            if loader is not None:
+                loader(param, weights[name])
+            else:
+                param.copy_(weights[name].reshape(param.shape))  # time_decay is stored [1,1,A] or [H,K]
 
     @torch.no_grad()
     def rescale_for_half_precision(self) -> None:
