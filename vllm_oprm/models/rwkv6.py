@@ -3,9 +3,9 @@
 Every block's state (the fp32 WKV matrix per head, the time-mix and the
 channel-mix token-shift vectors) lives in one ``StateCache`` layer that
 vLLM's recurrent-state manager allocates per request, exactly as for Mamba.
-The recurrence itself is ``vllm_oprm.ops.wkv6.wkv6_recurrent_ref``
-through the reference model, so this class equals the reference by
-construction; decodes run batched, prefills one request at a time.
+The recurrence is ``vllm_oprm.ops.wkv6.wkv6`` through the reference model
+(the torch reference on CPU, fla's Triton kernels on CUDA), so this class
+equals the reference by construction; decodes run batched, prefills one request at a time.
 
 Tensor parallelism: the embedding and the head are split by vocabulary, every
 channel mix by columns (key) and rows (value), and every time mix by heads

@@ -1,1 +1,1 @@
-"""Recurrence kernels: plain torch references that run anywhere."""
+"""Recurrence kernels: plain torch references that run anywhere, and the Triton fast paths CUDA takes."""

@@ -1,4 +1,9 @@
-"""RWKV6 (Finch) WKV recurrence, the step-by-step torch reference."""
+"""RWKV6 (Finch) WKV recurrence: the step-by-step torch reference and the device dispatch.
+
+On CUDA, ``wkv6`` runs flash-linear-attention's Triton kernels (the chunked
+form for prompts, the fused recurrent one for single-token decodes); anywhere
+else, or without fla, the reference. Both take and return the same layouts.
+"""
 
 from __future__ import annotations
 
@@ -29,3 +34,29 @@ def wkv6_recurrent_ref(
         out[:, :, t] = (r[:, :, t, :, None] * (state + bonus * kv)).sum(dim=-2)
         state = state * log_decay[:, :, t, :, None].exp() + kv
     return out, state
+
+
+def wkv6(
+    r: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor,
+    bonus: torch.Tensor,
+    state: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``wkv6_recurrent_ref``'s contract, on fla's kernels where the tensors are on CUDA."""
+    if not r.is_cuda:
+        return wkv6_recurrent_ref(r, k, v, log_decay, bonus, state)
+    try:
+        from fla.ops.rwkv6 import chunk_rwkv6, fused_recurrent_rwkv6
+    except ImportError:
+        return wkv6_recurrent_ref(r, k, v, log_decay, bonus, state)
+    kernel = fused_recurrent_rwkv6 if r.shape[2] == 1 else chunk_rwkv6
+    out, final = kernel(
+        *(x.transpose(1, 2) for x in (r, k, v, log_decay)),  # fla wants [B, T, H, K]
+        bonus,
+        scale=1.0,
+        initial_state=state.float(),
+        output_final_state=True,
+    )
+    return out.transpose(1, 2).float(), final.float()

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.wkv6 import wkv6_recurrent_ref
+from ..ops.wkv6 import wkv6
 
 ARCHITECTURE = "Rwkv6ForCausalLM"
 
@@ -130,7 +130,7 @@ class Rwkv6SelfAttention(nn.Module):
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(batch, seq, self.num_heads, self.head_size).transpose(1, 2)
 
-        out, wkv = wkv6_recurrent_ref(heads(r), heads(k), heads(v), heads(log_decay), self.time_faaaa, wkv)
+        out, wkv = wkv6(heads(r), heads(k), heads(v), heads(log_decay), self.time_faaaa, wkv)
         out = out.transpose(1, 2).reshape(batch * seq, -1)
         out = F.group_norm(out, self.num_heads, self.ln_x.weight.float(), self.ln_x.bias.float(), self.ln_x.eps)
         out = self.output(out.view(batch, seq, -1).to(x.dtype) * g)
