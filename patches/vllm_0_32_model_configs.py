@@ -3,15 +3,20 @@
 vLLM sets ``cache_config.mamba_block_size`` (needed by every ``MambaBase``
 layer) only for architectures listed in its internal ``MODELS_CONFIG_MAP``;
 there is no public hook. This adds ours, and only on the version it was read
-against.
+against. Hybrid (attention + recurrent) models get prefix caching on by
+default in vLLM; architectures in ``without_prefix_caching`` keep one state per
+request, so for them it is turned off, with a warning.
 """
 
 from __future__ import annotations
 
+import logging
+
 TARGET_VLLM = "0.32.0"
+logger = logging.getLogger(__name__)
 
 
-def apply(architectures: list[str]) -> None:
+def apply(architectures: list[str], without_prefix_caching: tuple[str, ...] = ()) -> None:
     import vllm
 
     if vllm.__version__ != TARGET_VLLM:
@@ -21,5 +26,18 @@ def apply(architectures: list[str]) -> None:
         )
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP, MambaModelConfig
 
+    class WithoutPrefixCaching(MambaModelConfig):
+        @classmethod
+        def verify_and_update_config(cls, vllm_config) -> None:
+            if vllm_config.cache_config.enable_prefix_caching:
+                logger.warning(
+                    "vllm-oprm: %s keeps one recurrent state per request (no per-block checkpoints): "
+                    "prefix caching is turned off",
+                    vllm_config.model_config.architecture,
+                )
+                vllm_config.cache_config.enable_prefix_caching = False
+            super().verify_and_update_config(vllm_config)
+
     for architecture in architectures:
-        MODELS_CONFIG_MAP.setdefault(architecture, MambaModelConfig)
+        hook = WithoutPrefixCaching if architecture in without_prefix_caching else MambaModelConfig
+        MODELS_CONFIG_MAP.setdefault(architecture, hook)

@@ -71,23 +71,41 @@ def rwkv6_partition_sizes(model) -> list[int]:
             block.attention.output.input_size_per_partition, model.states[0].get_state_shape()[0][0]]
 
 
-def test_rwkv6_tensor_parallel_2_shards_heads_channels_and_vocab_and_equals_the_reference(tmp_path, monkeypatch):
+def recurrent_gemma_partition_sizes(model) -> list[int]:
+    """On each rank: the embedding's vocabulary rows, a recurrent block's x-branch outputs, conv channels,
+    RG-LRU gate heads and state width, the attention's query heads and key/value heads, the MLP's outputs."""
+    recurrent, attention = model.model.layers[0].temporal_block, model.model.layers[2].temporal_block
+    return [model.model.embed_tokens.weight.shape[0], recurrent.linear_x.output_size_per_partition,
+            recurrent.conv_1d.weight.shape[0], recurrent.rg_lru.input_gate_weight.shape[0],
+            recurrent.state.get_state_shape()[0][0], attention.attn.num_heads, attention.attn.num_kv_heads,
+            model.model.layers[0].mlp_block.gate_up_proj.output_size_per_partition]
+
+
+@pytest.mark.parametrize("family", ["rwkv6", "recurrent_gemma"])
+def test_tensor_parallel_2_shards_the_model_and_equals_the_reference(family, tmp_path, monkeypatch):
     from vllm import LLM
 
     from vllm_oprm.engine.capture import pin_v1_model_runner
 
-    model, tokenizer = build_model_dir("rwkv6", str(tmp_path), seed=3)
+    model, tokenizer = build_model_dir(family, str(tmp_path), seed=3)
     pin_v1_model_runner()
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per rank: the CPU worker cannot pick two here
     monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model pickles a function to the workers
     llm = LLM(model=str(tmp_path), dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=8,
               max_num_batched_tokens=64, tensor_parallel_size=2)
     try:
-        sizes = llm.apply_model(rwkv6_partition_sizes)
         c = model.config
         half_vocab = -(-c.vocab_size // 64) * 64 // 2  # vLLM pads the vocabulary to 64 before splitting it
-        inner, attn = c.intermediate_size // 2, c.attention_hidden_size // 2
-        assert sizes == [[inner, inner, half_vocab, attn, attn, c.num_heads // 2]] * 2
+        if family == "rwkv6":
+            inner, attn = c.intermediate_size // 2, c.attention_hidden_size // 2
+            expected = [inner, inner, half_vocab, attn, attn, c.num_heads // 2]
+            sizes = llm.apply_model(rwkv6_partition_sizes)
+        else:  # the one key/value head is replicated on both ranks
+            lru = c.lru_width // 2
+            expected = [half_vocab, lru, lru, c.num_attention_heads // 2, lru, c.num_attention_heads // 2, 1,
+                        c.intermediate_size // 2]
+            sizes = llm.apply_model(recurrent_gemma_partition_sizes)
+        assert sizes == [expected] * 2
         rng = torch.Generator().manual_seed(1)
         prompts = [[7]] + [tokenizer.encode(words(rng, n)) for n in (5, 150)]
         params = SamplingParams(max_tokens=STEPS, temperature=0.0, ignore_eos=True, logprobs=5)

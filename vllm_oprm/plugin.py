@@ -45,7 +45,7 @@ def register() -> None:
 
     if vllm.__version__ == vllm_0_32_model_configs.TARGET_VLLM:
         AutoConfig.register(Rwkv6HFConfig.model_type, Rwkv6HFConfig, exist_ok=True)
-        vllm_0_32_model_configs.apply(list(MODELS))
+        vllm_0_32_model_configs.apply(list(MODELS), without_prefix_caching=("RecurrentGemmaForCausalLM",))
         for architecture, path in MODELS.items():
             ModelRegistry.register_model(architecture, path)
         vllm_0_32_detokenizer_prompt_tail.apply(CAPTURE_KEY)

@@ -61,7 +61,7 @@ def tiny_config(family: str, vocab_size: int):
     if family == "recurrent_gemma":
         return tf.RecurrentGemmaConfig(
             hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=1, head_dim=16, lru_width=64, attention_window_size=16, conv1d_width=4,
+            num_key_value_heads=1, head_dim=32, lru_width=64, attention_window_size=16, conv1d_width=4,
             block_types=["recurrent", "recurrent", "attention"], logits_soft_cap=30.0, **ids,
         )
     raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")

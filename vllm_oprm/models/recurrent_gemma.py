@@ -1,184 +1,286 @@
-"""RecurrentGemma (Griffin) for vLLM: transformers' layers, each request's state in vLLM's state cache.
+"""RecurrentGemma (Griffin) for vLLM, built from vLLM's layers.
 
-The whole model's state is one ``MambaBase`` layer: per recurrent block the
-conv window and the fp32 RG-LRU state, per local-attention block the last
-``attention_window_size - 1`` keys and values (a fixed-size window, so it is a
-recurrent state too) and the token count. One layer keeps vLLM's state pages
-uniform. The compute is transformers' ``RecurrentGemmaForCausalLM`` with
-those states installed, so the class equals transformers by construction: a
-whole prompt runs alone, as transformers runs it; decodes run batched, and the
-part of a prompt that continues from an earlier engine step (chunked prefill)
-in one pass. Both get every cached attention window and a mask keeping each
-row's valid keys within its window; a continuation's recurrent block convolves
-over its cached conv window (``continue_recurrent_block``), which transformers
-would restart on a multi-token input. Not sharded (no tensor parallelism);
-eager only.
+A hybrid model, as vLLM runs Jamba: the local-attention blocks are vLLM
+``Attention`` layers with the checkpoint's sliding window (their keys and
+values live in vLLM's paged KV cache, which frees blocks that slide out of the
+window), and every recurrent block owns a ``StateCache`` layer in vLLM's
+recurrent-state manager holding its conv window and fp32 RG-LRU state. The
+RG-LRU scan is ``vllm_oprm.ops.rglru.rglru_scan`` (the torch reference on CPU,
+the fused Triton kernel on CUDA). Decodes run as one batch; each prompt part
+runs from its request's cached state.
+
+Tensor parallelism: the embedding (tied head) by vocabulary; attention by
+heads (the single key/value head of the published checkpoints is replicated);
+the MLP by columns and rows; every recurrent block by channels, so its conv,
+its RG-LRU (whose gates are block-diagonal by head) and its state split with
+them. Checked against transformers' ``RecurrentGemmaForCausalLM``.
 """
 
 from __future__ import annotations
 
-import types
 from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from vllm.config import VllmConfig
+from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 from vllm.forward_context import get_forward_context
-from vllm.model_executor.models.interfaces import HasInnerState, IsAttentionFree
+from vllm.model_executor.layers.activation import GeluAndMul
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.layernorm import GemmaRMSNorm
+from vllm.model_executor.layers.linear import (
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid
 
+from ..ops.rglru import rglru_scan
+from .parallel import rank_part
 from .state_cache import StateCache
 
-
-def continue_recurrent_block(block, input_states, position_ids, attention_mask, use_cache=True, **kwargs):
-    """transformers' ``RecurrentGemmaRecurrentBlock.forward``, except that a multi-token input that
-    continues a sequence (first position > 0) convolves over the cached conv window before it, as a
-    token-by-token run would; the RG-LRU already continues from its cached state."""
-    if not use_cache or input_states.shape[1] == 1 or int(position_ids[0, 0]) == 0:
-        return type(block).forward(block, input_states, position_ids, attention_mask, use_cache, **kwargs)
-    y_branch = block.act_fn(block.linear_y(input_states))
-    x_branch = torch.cat((block.conv1d_state, block.linear_x(input_states).transpose(1, 2)), dim=-1)
-    block.conv1d_state = x_branch[..., -(block.conv1d_width - 1) :]
-    x_branch = F.conv1d(x_branch, block.conv_1d.weight, block.conv_1d.bias, groups=block.conv_1d.groups)
-    x_branch = block.rg_lru(x_branch.transpose(1, 2), position_ids)
-    return block.linear_out(x_branch * y_branch), None
+# checkpoint name part -> (this model's stacked parameter, shard id)
+STACKED = {
+    "q_proj": ("qkv_proj", "q"),
+    "k_proj": ("qkv_proj", "k"),
+    "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
 
 
-def window_mask(first: torch.Tensor, length: int, kept: torch.Tensor, slots: int, window: int, dtype) -> torch.Tensor:
-    """Additive [rows, 1, length, slots + length] attention mask for rows whose queries sit at
-    ``first[b]..first[b]+length-1``, over ``slots`` cached keys (row b's valid ones are the last
-    ``kept[b]``, just before ``first[b]``) and the new keys: causal, within ``window`` tokens."""
-    queries = first[:, None, None] + torch.arange(length)[None, :, None]
-    keys = first[:, None, None] - slots + torch.arange(slots + length)[None, None, :]
-    cached_valid = torch.arange(slots + length)[None, None, :] >= slots - kept[:, None, None]
-    allowed = cached_valid & (keys <= queries) & (queries - keys < window)
-    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+def recurrent_state_shapes(config, ranks: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Per recurrent block and rank: the RG-LRU state (fp32) and the conv window."""
+    if config.lru_width % ranks or config.num_attention_heads % ranks:
+        raise ValueError(
+            f"RecurrentGemma's lru_width {config.lru_width} and {config.num_attention_heads} heads must divide "
+            f"by tensor_parallel_size {ranks}"
+        )
+    width = config.lru_width // ranks
+    return (width,), (width, config.conv1d_width - 1)
 
 
-class GriffinStateCache(StateCache):
-    """The whole model's per-request state, laid out by block kind."""
-
-    def __init__(self, config, dtype: torch.dtype, vllm_config: VllmConfig, prefix: str):
-        kinds = config.layers_block_type[: config.num_hidden_layers]
-        recurrent = [i for i, kind in enumerate(kinds) if kind == "recurrent"]
-        attention = [i for i, kind in enumerate(kinds) if kind == "attention"]
-        r, a = len(recurrent), len(attention)
-        kv = (config.num_key_value_heads, config.attention_window_size - 1, config.head_dim)
-        shapes = [(config.lru_width,)] * r + [(1,)] * a + [(config.lru_width, config.conv1d_width - 1)] * r + [kv, kv] * a
-        dtypes = [torch.float32] * (r + a) + [dtype] * (r + 2 * a)  # fp32 first
-        super().__init__(shapes, dtypes, vllm_config, prefix)
-        self.recurrent, self.attention = recurrent, attention
-
-    def views(self, index: torch.Tensor) -> tuple[list, list, list, list, list]:
-        """The (rnn, count, conv, keys, values) states of the slots in ``index``, one per block of each
-        kind, gathered into [rows, ...] tensors."""
-        r, a = len(self.recurrent), len(self.attention)
-        states = [state[index] for state in self.kv_cache]
-        kv = states[2 * r + a :]
-        return states[:r], states[r : r + a], states[r + a : 2 * r + a], kv[0::2], kv[1::2]
-
-    def store(self, index: torch.Tensor, rnn, count, conv, keys, values) -> None:
-        for state, new in zip(self.kv_cache, [*rnn, *count, *conv, *(t for kv in zip(keys, values) for t in kv)]):
-            state[index] = new.to(state.dtype)
-
-
-class RecurrentGemmaForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+class RecurrentGemmaMlp(nn.Module):
+    def __init__(self, config, prefix: str):
         super().__init__()
-        from transformers import RecurrentGemmaForCausalLM as HFRecurrentGemma
+        half = config.intermediate_size // 2  # as transformers sizes it
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [half] * 2, bias=True, prefix=f"{prefix}.gate_up_proj")
+        self.down_proj = RowParallelLinear(half, config.hidden_size, bias=True, prefix=f"{prefix}.down_proj")
+        self.act = GeluAndMul(approximate="tanh")
 
-        if vllm_config.parallel_config.tensor_parallel_size > 1:
-            raise ValueError("RecurrentGemma in vllm-oprm is not sharded: run it with tensor_parallel_size=1")
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)[0]))[0]
 
-        self.config = vllm_config.model_config.hf_config
-        self.hf = HFRecurrentGemma(self.config)
-        for layer in self.hf.model.layers:
-            if hasattr(layer.temporal_block, "rg_lru"):
-                layer.temporal_block.forward = types.MethodType(continue_recurrent_block, layer.temporal_block)
-        self.state = GriffinStateCache(self.config, vllm_config.model_config.dtype, vllm_config, f"{prefix}state.0.cache")
 
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.hf.model.embed_tokens(input_ids)
+class RecurrentGemmaAttention(nn.Module):
+    """Local multi-query attention with partial rotary embeddings, on vLLM's attention backend."""
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+    def __init__(self, config, vllm_config: VllmConfig, prefix: str):
+        super().__init__()
+        ranks = get_tensor_model_parallel_world_size()
+        head_dim = config.head_dim
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size, head_dim, config.num_attention_heads, config.num_key_value_heads,
+            bias=config.attention_bias, prefix=f"{prefix}.qkv_proj",
+        )
+        self.o_proj = RowParallelLinear(config.num_attention_heads * head_dim, config.hidden_size, bias=True, prefix=f"{prefix}.o_proj")
+        self.rotary_emb = get_rope(head_dim, max_position=vllm_config.model_config.max_model_len, is_neox_style=True,
+                                   rope_parameters=config.rope_parameters)
+        heads, kv_heads = config.num_attention_heads // ranks, max(1, config.num_key_value_heads // ranks)
+        self.sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+        self.attn = Attention(
+            heads, head_dim, head_dim**-0.5, num_kv_heads=kv_heads, cache_config=vllm_config.cache_config,
+            per_layer_sliding_window=config.attention_window_size, prefix=f"{prefix}.attn",
+        )
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x)[0].split(self.sizes, dim=-1)
+        q, k = self.rotary_emb(positions, q, k)
+        return self.o_proj(self.attn(q, k, v))[0]
+
+
+class RecurrentGemmaRglru(nn.Module):
+    """The real-gated linear recurrent unit; this rank's channels and gate heads."""
+
+    def __init__(self, config, rank: int, ranks: int):
+        super().__init__()
+        width, heads = config.lru_width // ranks, config.num_attention_heads // ranks
+        block = config.lru_width // config.num_attention_heads
+        full_heads = config.num_attention_heads
+        self.heads, self.block = heads, block
+        self.recurrent_param = rank_part((width,), 0, rank, (config.lru_width,))
+        for gate in ("input_gate", "recurrent_gate"):
+            setattr(self, f"{gate}_weight", rank_part((heads, block, block), 0, rank, (full_heads, block, block)))
+            setattr(self, f"{gate}_bias", rank_part((heads, block), 0, rank, (full_heads, block)))
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [rows, T, width]; positions: [rows, T]; state: [rows, width] fp32. Position 0 restarts the
+        recurrence and skips the input normalization, as in transformers."""
+        rows, length, width = x.shape
+        per_head = x.reshape(rows, length, self.heads, self.block)
+        input_gate = torch.sigmoid(torch.einsum("bthi,hij->bthj", per_head, self.input_gate_weight) + self.input_gate_bias)
+        recurrent_gate = torch.sigmoid(
+            torch.einsum("bthi,hij->bthj", per_head, self.recurrent_gate_weight) + self.recurrent_gate_bias
+        )
+        log_a = -8.0 * recurrent_gate.reshape(rows, length, width) * F.softplus(self.recurrent_param)
+        reset = (positions == 0)[..., None]
+        multiplier = torch.where(reset, 1.0, torch.sqrt(1 - torch.exp(2 * log_a)))
+        normalized = x * input_gate.reshape(rows, length, width) * multiplier.to(x.dtype)
+        return rglru_scan(normalized, torch.exp(log_a) * ~reset, state)
+
+
+class RecurrentGemmaRecurrentBlock(nn.Module):
+    """Gated branch times (linear, causal depthwise conv, RG-LRU) branch; its state in vLLM's state manager."""
+
+    def __init__(self, config, vllm_config: VllmConfig, prefix: str):
+        super().__init__()
+        rank, ranks = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+        width, lru, conv = config.lru_width // ranks, config.lru_width, config.conv1d_width
+        self.linear_y = ColumnParallelLinear(config.hidden_size, lru, bias=True, prefix=f"{prefix}.linear_y")
+        self.linear_x = ColumnParallelLinear(config.hidden_size, lru, bias=True, prefix=f"{prefix}.linear_x")
+        self.linear_out = RowParallelLinear(lru, config.hidden_size, bias=True, prefix=f"{prefix}.linear_out")
+        self.conv_1d = nn.Module()
+        self.conv_1d.weight = rank_part((width, 1, conv), 0, rank, (lru, 1, conv))
+        self.conv_1d.bias = rank_part((width,), 0, rank, (lru,))
+        self.rg_lru = RecurrentGemmaRglru(config, rank, ranks)
+        self.act = nn.GELU(approximate="tanh")
+        self.state = StateCache(
+            recurrent_state_shapes(config, ranks), (torch.float32, vllm_config.model_config.dtype), vllm_config, f"{prefix}.state"
+        )
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        gate = self.act(self.linear_y(x)[0])
+        branch = self.linear_x(x)[0]
+        out = torch.zeros_like(branch)
         metadata = get_forward_context().attn_metadata
-        if metadata is None:  # vLLM's profiling and warm-up runs: no requests, no cache
-            return self.hf.model(input_ids=input_ids[None], position_ids=positions[None], use_cache=False).last_hidden_state[0]
+        if metadata is None:  # vLLM's profiling and warm-up runs: one sequence, no cache
+            rnn = torch.zeros(1, branch.shape[1], device=x.device)
+            conv = torch.zeros(1, branch.shape[1], self.conv_1d.weight.shape[-1] - 1, dtype=x.dtype, device=x.device)
+            return self.linear_out(self._recur(branch[None], positions[None], conv, rnn)[0][0] * gate)[0]
         meta = metadata[self.state.prefix]
-        hidden = torch.zeros(input_ids.shape[0], self.config.hidden_size, dtype=self.hf.dtype, device=input_ids.device)
         starts, lengths, slots = meta.query_start_loc.tolist(), meta.seq_lens.tolist(), meta.state_indices_tensor.tolist()
         decodes = [i for i in range(meta.num_decodes) if slots[i] >= 0]
-        if decodes:  # one token each, first in the batch: one batched step
-            at = torch.tensor([starts[i] for i in decodes], device=input_ids.device)
-            fresh = [lengths[i] == 1 for i in decodes]  # a new one-token prompt starts from zero
-            hidden[at] = self._run(input_ids[at][:, None], positions[at][:, None], [slots[i] for i in decodes], fresh)[:, 0]
+        if decodes:  # one token each: one batched step
+            at = torch.tensor([starts[i] for i in decodes], device=x.device)
+            fresh = [lengths[i] == 1 for i in decodes]  # a one-token prompt starts from zero
+            out[at] = self._step(branch[at][:, None], positions[at][:, None], [slots[i] for i in decodes], fresh)[:, 0]
         for i in range(meta.num_decodes, meta.num_decodes + meta.num_prefills):
             start, end = starts[i], starts[i + 1]
-            if slots[i] < 0:
-                continue
-            fresh = lengths[i] == end - start  # nothing of this request computed before
-            hidden[start:end] = self._run(input_ids[None, start:end], positions[None, start:end], [slots[i]], [fresh])[0]
-        return hidden
+            if slots[i] >= 0:
+                fresh = lengths[i] == end - start  # nothing of this request computed before
+                out[start:end] = self._step(branch[None, start:end], positions[None, start:end], [slots[i]], [fresh])[0]
+        return self.linear_out(out * gate)[0]
 
-    def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: list[int], fresh: list[bool]) -> torch.Tensor:
-        """Rows of equal length [rows, length] from their cached states (zeros where fresh); stores the states after them.
+    def _step(self, branch: torch.Tensor, positions: torch.Tensor, slots: list[int], fresh: list[bool]) -> torch.Tensor:
+        """Rows [rows, T, width] from their cached states (zeros where fresh); stores the states after them."""
+        index = torch.tensor(slots, device=branch.device)
+        rnn_cache, conv_cache = self.state.kv_cache
+        fresh = torch.tensor(fresh, device=branch.device)
+        conv = torch.where(fresh[:, None, None], 0.0, conv_cache[index])  # where, not a product: a reused slot
+        rnn = torch.where(fresh[:, None], 0.0, rnn_cache[index])  # may hold non-finite leftovers
+        out, conv, rnn = self._recur(branch, positions, conv, rnn)
+        rnn_cache[index], conv_cache[index] = rnn, conv.to(conv_cache.dtype)
+        return out
 
-        A whole fresh prompt runs as transformers runs it. Anything else (decodes, a chunked prefill's
-        continuation) gets every cached attention window in full and a mask that keeps each row's valid
-        keys and its own window."""
-        from transformers import DynamicCache
+    def _recur(self, branch, positions, conv, rnn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Causal conv over the cached window then the RG-LRU: (output, conv window after, RG-LRU state after)."""
+        window = torch.cat([conv.to(branch.dtype), branch.transpose(1, 2)], dim=-1)  # [rows, width, W-1+T]
+        convolved = F.conv1d(window, self.conv_1d.weight, self.conv_1d.bias, groups=window.shape[1])
+        out, rnn = self.rg_lru(convolved.transpose(1, 2), positions, rnn)
+        return out, window[..., -conv.shape[-1] :], rnn
 
-        device, rows, length = input_ids.device, input_ids.shape[0], input_ids.shape[1]
-        index = torch.tensor(slots, device=device)
-        rnn, count, conv, keys, values = self.state.views(index)
-        blocks = self.hf.model.layers
-        cache = DynamicCache(config=self.config)
-        mask = None
-        whole_prompt = rows == 1 and fresh[0]
-        if whole_prompt:
-            self.hf.model._setup_cache(self.config, 1, device, self.hf.dtype)
-            count = [torch.zeros_like(seen) for seen in count]
+
+class RecurrentGemmaDecoderLayer(nn.Module):
+    def __init__(self, config, kind: str, vllm_config: VllmConfig, prefix: str):
+        super().__init__()
+        self.temporal_pre_norm = GemmaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        block = RecurrentGemmaRecurrentBlock if kind == "recurrent" else RecurrentGemmaAttention
+        self.temporal_block = block(config, vllm_config, f"{prefix}.temporal_block")
+        self.channel_pre_norm = GemmaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp_block = RecurrentGemmaMlp(config, f"{prefix}.mlp_block")
+
+    def forward(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        residual = self.temporal_block(self.temporal_pre_norm(hidden), positions) + hidden
+        return self.mlp_block(self.channel_pre_norm(residual)) + residual
+
+
+class RecurrentGemmaModel(nn.Module):
+    def __init__(self, config, vllm_config: VllmConfig, prefix: str):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, prefix=f"{prefix}.embed_tokens")
+        kinds = config.layers_block_type[: config.num_hidden_layers]
+        self.layers = nn.ModuleList(
+            RecurrentGemmaDecoderLayer(config, kind, vllm_config, f"{prefix}.layers.{i}") for i, kind in enumerate(kinds)
+        )
+        self.final_norm = GemmaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        # transformers keeps sqrt(hidden_size) as a bfloat16 constant: the same rounding here
+        self.normalizer = float(torch.tensor(config.hidden_size**0.5, dtype=torch.bfloat16))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, inputs_embeds=None) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        hidden = hidden * self.normalizer
+        for layer in self.layers:
+            hidden = layer(hidden, positions)
+        return self.final_norm(hidden)
+
+
+class RecurrentGemmaForCausalLM(nn.Module, HasInnerState, IsHybrid):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        self.config = vllm_config.model_config.hf_config
+        self.model = RecurrentGemmaModel(self.config, vllm_config, f"{prefix}model")
+        if self.config.tie_word_embeddings:
+            self.lm_head = self.model.embed_tokens
         else:
-            keep = torch.tensor([not f for f in fresh], device=device)
-            rnn = [state * keep[:, None] for state in rnn]
-            conv = [state * keep[:, None, None].to(state.dtype) for state in conv]
-            count = [seen * keep[:, None] for seen in count]
-            for layer, rnn_state, conv_state in zip(self.state.recurrent, rnn, conv):
-                blocks[layer].temporal_block.rg_lru.recurrent_states = rnn_state.clone()
-                blocks[layer].temporal_block.conv1d_state = conv_state.clone()
-            slots_kv = keys[0].shape[2] if keys else 0
-            for layer, k, v in zip(self.state.attention, keys, values):  # gathered copies: the cache may keep them
-                cached = cache.layers[layer]
-                cached.lazy_initialization(k, v)
-                cached.keys, cached.values, cached.cumulative_length = k, v, slots_kv
-            kept = count[0][:, 0].long().clamp(max=slots_kv) if count else torch.zeros(rows, dtype=torch.long)
-            mask = window_mask(positions[:, 0].cpu(), length, kept.cpu(), slots_kv, self.config.attention_window_size,
-                               self.hf.dtype).to(device)
-        hidden = self.hf.model(
-            input_ids=input_ids, position_ids=positions, attention_mask=mask, past_key_values=cache, use_cache=True
-        ).last_hidden_state
-        rnn = [blocks[layer].temporal_block.rg_lru.recurrent_states for layer in self.state.recurrent]
-        conv = [blocks[layer].temporal_block.conv1d_state for layer in self.state.recurrent]
-        count = [seen + length for seen in count]
-        for layer, k, v in zip(self.state.attention, keys, values):  # the cache replaced its keys: k, v are free
-            cached = cache.layers[layer]
-            kept = cached.keys.shape[-2]  # a whole prompt shorter than the window keeps fewer: right-aligned
-            k[:, :, k.shape[2] - kept :], v[:, :, v.shape[2] - kept :] = cached.keys, cached.values
-        self.state.store(index, rnn, count, conv, keys, values)
-        return hidden
+            self.lm_head = ParallelLMHead(self.config.vocab_size, self.config.hidden_size, prefix=f"{prefix}lm_head")
+        self.logits_processor = LogitsProcessor(self.config.vocab_size, soft_cap=self.config.logits_soft_cap)
+
+    @classmethod
+    def get_mamba_state_shape_from_config(cls, vllm_config: VllmConfig):
+        return recurrent_state_shapes(vllm_config.model_config.hf_config, vllm_config.parallel_config.tensor_parallel_size)
+
+    @classmethod
+    def get_mamba_state_dtype_from_config(cls, vllm_config: VllmConfig):
+        return torch.float32, vllm_config.model_config.dtype
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        return self.model(input_ids, positions, inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        cap = self.config.logits_soft_cap
-        return torch.tanh(self.hf.lm_head(hidden_states) / cap) * cap
+        return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        weights = dict(weights)
-        missing, unexpected = self.hf.load_state_dict(weights, strict=False)
-        if unexpected:
-            raise ValueError(f"unexpected RecurrentGemma weights {unexpected[:3]}")
-        if self.config.tie_word_embeddings:
-            self.hf.lm_head.weight = self.hf.model.embed_tokens.weight
-        missing = [m for m in missing if not (m == "lm_head.weight" and self.config.tie_word_embeddings)]
+        """transformers' checkpoint names; q/k/v and gate/up go into their stacked layers."""
+        params = dict(self.named_parameters())
+        loaded = set()
+        for name, tensor in weights:
+            if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue
+            shard = None
+            for part, (stacked, shard_id) in STACKED.items():
+                if f".{part}." in name:
+                    name, shard = name.replace(f".{part}.", f".{stacked}."), shard_id
+                    break
+            if name not in params:
+                raise ValueError(f"unexpected RecurrentGemma weight {name}")
+            param = params[name]
+            loader = getattr(param, "weight_loader", None)
+            if shard is not None:
+                loader(param, tensor, shard)
+            elif loader is not None:
+                loader(param, tensor)
+            else:
+                param.data.copy_(tensor)
+            loaded.add(name)
+        missing = sorted(set(params) - loaded - ({"lm_head.weight"} if self.config.tie_word_embeddings else set()))
         if missing:
             raise ValueError(f"checkpoint lacks RecurrentGemma weights {missing[:3]}")
-        return {f"hf.{name}" for name, _ in self.hf.named_parameters()}
+        return loaded

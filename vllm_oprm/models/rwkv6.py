@@ -31,6 +31,7 @@ from vllm.model_executor.models.interfaces import HasInnerState, IsAttentionFree
 
 from ..reference.rwkv6 import Rwkv6Config, Rwkv6State
 from ..reference.rwkv6 import Rwkv6ForCausalLM as Rwkv6Reference
+from .parallel import rank_part
 from .state_cache import StateCache
 
 WKV, ATT_SHIFT, FFN_SHIFT = range(3)  # order of the states in a cache block (fp32 first: aligned views)
@@ -48,19 +49,6 @@ class _RowParallel(RowParallelLinear):
         return super().forward(x)[0]
 
 
-def _rank_part(shape: tuple[int, ...], dim: int, rank: int, full_shape: tuple[int, ...]) -> nn.Parameter:
-    """A parameter of this rank's ``shape`` that loads its slice, along ``dim``, of the full tensor
-    (stored in any shape of ``full_shape``'s size, as Finch checkpoints store ``time_decay``)."""
-    part = nn.Parameter(torch.empty(shape), requires_grad=False)
-    size = shape[dim]
-
-    def load(target: nn.Parameter, full: torch.Tensor) -> None:
-        target.copy_(full.reshape(full_shape).narrow(dim, rank * size, size))
-
-    part.weight_loader = load
-    return part
-
-
 def shard_time_mix(attention: nn.Module, config: Rwkv6Config, rank: int, ranks: int, prefix: str) -> None:
     """Give ``attention`` (the reference's time mix) only this rank's heads."""
     if config.num_heads % ranks:
@@ -72,12 +60,12 @@ def shard_time_mix(attention: nn.Module, config: Rwkv6Config, rank: int, ranks: 
     attention.output = _RowParallel(attn, hidden, bias=False, prefix=f"{prefix}.output")
     attention.num_heads = heads
     extra = config.time_decay_extra_dim
-    attention.time_decay = _rank_part((1, 1, width), 2, rank, (1, 1, attn))
-    attention.time_decay_w2 = _rank_part((extra, width), 1, rank, (extra, attn))
-    attention.time_faaaa = _rank_part((heads, config.head_size), 0, rank, (config.num_heads, config.head_size))
+    attention.time_decay = rank_part((1, 1, width), 2, rank, (1, 1, attn))
+    attention.time_decay_w2 = rank_part((extra, width), 1, rank, (extra, attn))
+    attention.time_faaaa = rank_part((heads, config.head_size), 0, rank, (config.num_heads, config.head_size))
     attention.ln_x = nn.GroupNorm(heads, width, eps=attention.ln_x.eps)
-    attention.ln_x.weight = _rank_part((width,), 0, rank, (attn,))
-    attention.ln_x.bias = _rank_part((width,), 0, rank, (attn,))
+    attention.ln_x.weight = rank_part((width,), 0, rank, (attn,))
+    attention.ln_x.bias = rank_part((width,), 0, rank, (attn,))
 
 
 class Rwkv6ForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
