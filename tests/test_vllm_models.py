@@ -22,8 +22,11 @@ def engine_and_reference(request, tmp_path_factory):
     path = str(tmp_path_factory.mktemp(request.param))
     model, tokenizer = build_model_dir(request.param, path, seed=3)
     pin_v1_model_runner()
-    # A 64-token step budget splits the longer prompts over several steps (chunked prefill).
-    llm = LLM(model=path, dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=8, max_num_batched_tokens=64)
+    # A 64-token step budget splits the longer prompts over several steps (chunked prefill). vLLM's
+    # default compilation settings: the plugin makes these classes eager and RecurrentGemma cache-less.
+    llm = LLM(model=path, dtype="float32", max_model_len=512, max_num_seqs=8, max_num_batched_tokens=64)
+    config = llm.llm_engine.vllm_config
+    assert config.model_config.enforce_eager and not config.cache_config.enable_prefix_caching
     yield llm, model, tokenizer
     llm.llm_engine.engine_core.shutdown()
 

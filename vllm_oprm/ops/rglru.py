@@ -20,7 +20,7 @@ except ImportError:  # CPU-only installs may lack Triton: the reference serves t
 def rglru_scan_ref(x: torch.Tensor, a: torch.Tensor, h0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x, a: [B, T, D]; h0: [B, D]. Accumulates in fp32; returns (y [B, T, D] in x's dtype, h_T fp32)."""
     h = h0.float()
-    y = torch.empty_like(x)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous, whatever x's strides
     for t in range(x.shape[1]):
         h = a[:, t].float() * h + x[:, t].float()
         y[:, t] = h.to(x.dtype)
