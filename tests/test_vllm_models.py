@@ -22,6 +22,8 @@ def engine_and_reference(request, tmp_path_factory):
     path = str(tmp_path_factory.mktemp(request.param))
     model, tokenizer = build_model_dir(request.param, path, seed=3)
     pin_v1_model_runner()
+    patch = pytest.MonkeyPatch()
+    patch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model pickles a function to the worker
     # A 64-token step budget splits the longer prompts over several steps (chunked prefill). vLLM's
     # default compilation settings: the plugin makes these classes eager and RecurrentGemma cache-less.
     llm = LLM(model=path, dtype="float32", max_model_len=512, max_num_seqs=8, max_num_batched_tokens=64)
@@ -29,6 +31,7 @@ def engine_and_reference(request, tmp_path_factory):
     assert config.model_config.enforce_eager and not config.cache_config.enable_prefix_caching
     yield llm, model, tokenizer
     llm.llm_engine.engine_core.shutdown()
+    patch.undo()
 
 
 def reference_greedy(model, ids: list[int]) -> tuple[list[int], torch.Tensor]:
@@ -62,6 +65,24 @@ def test_greedy_and_first_token_logprobs_equal_the_reference(engine_and_referenc
         for token_id, logprob in completion.logprobs[0].items():
             assert logprob.logprob == pytest.approx(first[token_id].item(), abs=1e-4)
 
+
+
+def poison_states(model) -> int:
+    """Fill every recurrent-state slot with NaN (what a reused slot could hold); returns the tensors filled."""
+    from vllm_oprm.models.state_cache import StateCache
+
+    filled = [state.fill_(float("nan")) for layer in model.modules() if isinstance(layer, StateCache) for state in layer.kv_cache]
+    return len(filled)
+
+
+def test_new_requests_ignore_whatever_their_state_slots_held(engine_and_reference):
+    llm, model, tokenizer = engine_and_reference
+    assert all(filled > 0 for filled in llm.apply_model(poison_states))
+    rng = torch.Generator().manual_seed(2)
+    prompts = [[9], tokenizer.encode(words(rng, 30))]  # a one-token prompt runs as a decode
+    params = SamplingParams(max_tokens=STEPS, temperature=0.0, ignore_eos=True)
+    for ids, out in zip(prompts, llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)):
+        assert list(out.outputs[0].token_ids) == reference_greedy(model, ids)[0]
 
 
 def rwkv6_partition_sizes(model) -> list[int]:

@@ -162,18 +162,8 @@ class RecurrentGemmaRecurrentBlock(nn.Module):
             rnn = torch.zeros(1, branch.shape[1], device=x.device)
             conv = torch.zeros(1, branch.shape[1], self.conv_1d.weight.shape[-1] - 1, dtype=x.dtype, device=x.device)
             return self.linear_out(self._recur(branch[None], positions[None], conv, rnn)[0][0] * gate)[0]
-        meta = metadata[self.state.prefix]
-        starts, lengths, slots = meta.query_start_loc.tolist(), meta.seq_lens.tolist(), meta.state_indices_tensor.tolist()
-        decodes = [i for i in range(meta.num_decodes) if slots[i] >= 0]
-        if decodes:  # one token each: one batched step
-            at = torch.tensor([starts[i] for i in decodes], device=x.device)
-            fresh = [lengths[i] == 1 for i in decodes]  # a one-token prompt starts from zero
-            out[at] = self._step(branch[at][:, None], positions[at][:, None], [slots[i] for i in decodes], fresh)[:, 0]
-        for i in range(meta.num_decodes, meta.num_decodes + meta.num_prefills):
-            start, end = starts[i], starts[i + 1]
-            if slots[i] >= 0:
-                fresh = lengths[i] == end - start  # nothing of this request computed before
-                out[start:end] = self._step(branch[None, start:end], positions[None, start:end], [slots[i]], [fresh])[0]
+        for index, slots, fresh in self.state.row_groups(metadata, x.device):
+            out[index] = self._step(branch[index], positions[index], slots, fresh)
         return self.linear_out(out * gate)[0]
 
     def _step(self, branch: torch.Tensor, positions: torch.Tensor, slots: list[int], fresh: list[bool]) -> torch.Tensor:

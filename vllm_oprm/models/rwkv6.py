@@ -99,34 +99,21 @@ class Rwkv6ForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
         if metadata is None:  # vLLM's profiling and warm-up runs: no requests, no cache
             state = Rwkv6State.zeros(self.config, 1, self.reference.dtype, input_ids.device, num_heads=self.heads)
             return self.reference.backbone(input_ids[None], state)[0][0]
-        meta = metadata[self.states[0].prefix]
         hidden = torch.zeros(input_ids.shape[0], self.config.hidden_size, dtype=self.reference.dtype, device=input_ids.device)
-        starts = meta.query_start_loc.tolist()
-        lengths = meta.seq_lens.tolist()
-        slots = meta.state_indices_tensor.tolist()
-        decodes = [i for i in range(meta.num_decodes) if slots[i] >= 0]
-        if decodes:  # one token each, first in the batch: one batched step
-            positions_d = torch.tensor([starts[i] for i in decodes], device=input_ids.device)
-            fresh = [lengths[i] == 1 for i in decodes]  # a new one-token prompt starts from zero
-            out = self._run(input_ids[positions_d][:, None], [slots[i] for i in decodes], fresh)
-            hidden[positions_d] = out[:, 0]
-        for i in range(meta.num_decodes, meta.num_decodes + meta.num_prefills):
-            if slots[i] < 0:
-                continue
-            start, end = starts[i], starts[i + 1]
-            fresh = lengths[i] == end - start  # nothing computed before this chunk of the prompt
-            hidden[start:end] = self._run(input_ids[start:end][None], [slots[i]], [fresh])[0]
+        for index, slots, fresh in self.states[0].row_groups(metadata, input_ids.device):
+            hidden[index] = self._run(input_ids[index], slots, fresh)
         return hidden
 
     def _run(self, input_ids: torch.Tensor, slots: list[int], fresh: list[bool]) -> torch.Tensor:
         """Run rows from their cached states (zeros where fresh) and store the states after them."""
         index = torch.tensor(slots, device=input_ids.device)
-        keep = torch.tensor([not f for f in fresh], device=input_ids.device)
+        fresh = torch.tensor(fresh, device=input_ids.device)
         caches = [layer.kv_cache for layer in self.states]
 
         def gather(which: int) -> torch.Tensor:
             stacked = torch.stack([cache[which][index] for cache in caches])  # [layers, B, ...]
-            return stacked * keep.view(1, -1, *([1] * (stacked.dim() - 2))).to(stacked.dtype)
+            # where, not a product: a reused slot may hold non-finite leftovers
+            return torch.where(fresh.view(1, -1, *([1] * (stacked.dim() - 2))), 0.0, stacked)
 
         state = Rwkv6State(att_shift=gather(ATT_SHIFT), wkv=gather(WKV), ffn_shift=gather(FFN_SHIFT))
         hidden, state = self.reference.backbone(input_ids, state)

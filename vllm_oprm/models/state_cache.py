@@ -39,3 +39,21 @@ class StateCache(nn.Module, MambaBase):
     @property
     def mamba_type(self) -> MambaAttentionBackendEnum:
         return MambaAttentionBackendEnum.LINEAR
+
+    def row_groups(self, metadata: dict, device) -> list[tuple[torch.Tensor, list[int], list[bool]]]:
+        """This step's work, as ``(index, slots, fresh)`` groups to run from cached states: every decode
+        together (index [n, 1]: one token per row), then each prompt part alone (index [1, T]). ``index``
+        picks the group's tokens out of the flat batch; ``fresh`` marks rows starting from a zero state
+        (nothing of the request computed before). Padding rows (slot < 0) are left out."""
+        meta = metadata[self.prefix]
+        starts, lengths, slots = meta.query_start_loc.tolist(), meta.seq_lens.tolist(), meta.state_indices_tensor.tolist()
+        groups = []
+        decodes = [i for i in range(meta.num_decodes) if slots[i] >= 0]
+        if decodes:
+            index = torch.tensor([[starts[i]] for i in decodes], device=device)
+            groups.append((index, [slots[i] for i in decodes], [lengths[i] == 1 for i in decodes]))
+        for i in range(meta.num_decodes, meta.num_decodes + meta.num_prefills):
+            start, end = starts[i], starts[i + 1]
+            if slots[i] >= 0:
+                groups.append((torch.arange(start, end, device=device)[None], [slots[i]], [lengths[i] == end - start]))
+        return groups
