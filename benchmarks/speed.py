@@ -1,6 +1,8 @@
 """Speed and memory of OPRM vs vanilla: same server, same model, same prompts, one run.
 
     .venv/bin/python -m benchmarks.speed                  # tiny Mamba2 on CPU, ~10 min
+    .venv/bin/python -m benchmarks.speed --family rwkv6 --contexts 2000,8000,32000 --chunk-sizes 2000 \
+        --out benchmarks/results/speed_rwkv6
     .venv/bin/python -m benchmarks.speed --model DIR --server-args "--dtype bfloat16" --contexts 8000,32000
 
 Streams every request through `vllm-oprm serve` with the `openai` client:
@@ -142,7 +144,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", help="model directory (default: a tiny random Mamba2 built here)")
+    parser.add_argument("--model", help="model directory (default: a tiny random model of --family built here)")
+    parser.add_argument("--family", default="mamba2", help="tiny model family when no --model: mamba2, rwkv6, recurrent_gemma, ...")
     parser.add_argument("--server-args", default="--dtype float32 --enforce-eager", help="extra vllm serve args")
     parser.add_argument("--contexts", default="2000,8000,32000,128000")
     parser.add_argument("--chunk-sizes", default="1000,2000,3000")
@@ -159,7 +162,7 @@ def main() -> None:
     chunk_sizes = [int(c) for c in args.chunk_sizes.split(",")]
     model = args.model or tempfile.mkdtemp()
     if not args.model:
-        build_model_dir("mamba2", model)
+        build_model_dir(args.family, model)
     server_args = [
         *shlex.split(args.server_args), "--max-model-len", str(max(contexts) + 256), "--max-num-seqs", "256",
     ]
@@ -200,7 +203,7 @@ def main() -> None:
     for row in rows:
         print(" | ".join(fmt.format(row[name]) for name, fmt in columns))
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"date": time.strftime("%Y-%m-%d"), "model": args.model or "tiny random mamba2", "args": vars(args) | {"out": str(args.out)}}
+    meta = {"date": time.strftime("%Y-%m-%d"), "model": args.model or f"tiny random {args.family}", "args": vars(args) | {"out": str(args.out)}}
     (args.out / "speed.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
     plot(rows, args.out / "speed.png")
     print(f"wrote {args.out / 'speed.json'} and {args.out / 'speed.png'}")

@@ -53,8 +53,8 @@ def wkv6(
         return wkv6_recurrent_ref(r, k, v, log_decay, bonus, state)
     kernel = fused_recurrent_rwkv6 if r.shape[2] == 1 else chunk_rwkv6
     out, final = kernel(
-        *(x.transpose(1, 2) for x in (r, k, v, log_decay)),  # fla wants [B, T, H, K]
-        bonus,
+        *(x.float().transpose(1, 2) for x in (r, k, v, log_decay)),  # fla wants [B, T, H, K]; fp32 as the reference
+        bonus.float(),
         scale=1.0,
         initial_state=state.float(),
         output_final_state=True,
