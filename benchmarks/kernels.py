@@ -12,26 +12,15 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import torch
+
+from benchmarks.entropy_overhead import timed
 
 from vllm_oprm.ops.rglru import rglru_scan, rglru_scan_ref
 from vllm_oprm.ops.wkv6 import wkv6, wkv6_recurrent_ref
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "kernels.json")
-
-
-def best_time(fn, repeats: int = 5) -> float:
-    fn()  # warm-up (and Triton's compilation / autotuning)
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def relative_error(fast: torch.Tensor, ref: torch.Tensor) -> float:
@@ -67,7 +56,8 @@ def main() -> None:
     rows = []
     for kernel, shape, inputs, fast, ref in cases:
         error = max(relative_error(f, r) for f, r in zip(fast(*inputs), ref(*inputs)))
-        fast_s, ref_s = best_time(lambda: fast(*inputs)), best_time(lambda: ref(*inputs))
+        # each call waits for the GPU, so the time covers the kernels and not just their launch
+        fast_s, ref_s = (timed(lambda fn=fn: (fn(*inputs), torch.cuda.synchronize()), 5) for fn in (fast, ref))
         rows.append({"kernel": kernel, "shape": shape, "max_relative_error": error, "fast_s": fast_s,
                      "reference_s": ref_s, "speedup": ref_s / fast_s})
     print(f"{'kernel':6} {'shape':16} {'rel. error':>10} {'fast ms':>9} {'ref ms':>9} {'speedup':>8}")

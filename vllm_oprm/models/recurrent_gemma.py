@@ -162,19 +162,15 @@ class RecurrentGemmaRecurrentBlock(nn.Module):
             rnn = torch.zeros(1, branch.shape[1], device=x.device)
             conv = torch.zeros(1, branch.shape[1], self.conv_1d.weight.shape[-1] - 1, dtype=x.dtype, device=x.device)
             return self.linear_out(self._recur(branch[None], positions[None], conv, rnn)[0][0] * gate)[0]
-        for index, slots, fresh in self.state.row_groups(metadata, x.device):
-            out[index] = self._step(branch[index], positions[index], slots, fresh)
+        for tokens, slots, fresh in self.state.row_groups(metadata, x.device):
+            out[tokens] = self._step(branch[tokens], positions[tokens], slots, fresh)
         return self.linear_out(out * gate)[0]
 
-    def _step(self, branch: torch.Tensor, positions: torch.Tensor, slots: list[int], fresh: list[bool]) -> torch.Tensor:
+    def _step(self, branch: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
         """Rows [rows, T, width] from their cached states (zeros where fresh); stores the states after them."""
-        index = torch.tensor(slots, device=branch.device)
-        rnn_cache, conv_cache = self.state.kv_cache
-        fresh = torch.tensor(fresh, device=branch.device)
-        conv = torch.where(fresh[:, None, None], 0.0, conv_cache[index])  # where, not a product: a reused slot
-        rnn = torch.where(fresh[:, None], 0.0, rnn_cache[index])  # may hold non-finite leftovers
+        rnn, conv = self.state.read(slots, fresh)
         out, conv, rnn = self._recur(branch, positions, conv, rnn)
-        rnn_cache[index], conv_cache[index] = rnn, conv.to(conv_cache.dtype)
+        self.state.write(slots, (rnn, conv))
         return out
 
     def _recur(self, branch, positions, conv, rnn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

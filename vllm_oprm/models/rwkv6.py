@@ -100,27 +100,17 @@ class Rwkv6ForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
             state = Rwkv6State.zeros(self.config, 1, self.reference.dtype, input_ids.device, num_heads=self.heads)
             return self.reference.backbone(input_ids[None], state)[0][0]
         hidden = torch.zeros(input_ids.shape[0], self.config.hidden_size, dtype=self.reference.dtype, device=input_ids.device)
-        for index, slots, fresh in self.states[0].row_groups(metadata, input_ids.device):
-            hidden[index] = self._run(input_ids[index], slots, fresh)
+        for tokens, slots, fresh in self.states[0].row_groups(metadata, input_ids.device):
+            hidden[tokens] = self._run(input_ids[tokens], slots, fresh)
         return hidden
 
-    def _run(self, input_ids: torch.Tensor, slots: list[int], fresh: list[bool]) -> torch.Tensor:
+    def _run(self, input_ids: torch.Tensor, slots: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
         """Run rows from their cached states (zeros where fresh) and store the states after them."""
-        index = torch.tensor(slots, device=input_ids.device)
-        fresh = torch.tensor(fresh, device=input_ids.device)
-        caches = [layer.kv_cache for layer in self.states]
-
-        def gather(which: int) -> torch.Tensor:
-            stacked = torch.stack([cache[which][index] for cache in caches])  # [layers, B, ...]
-            # where, not a product: a reused slot may hold non-finite leftovers
-            return torch.where(fresh.view(1, -1, *([1] * (stacked.dim() - 2))), 0.0, stacked)
-
-        state = Rwkv6State(att_shift=gather(ATT_SHIFT), wkv=gather(WKV), ffn_shift=gather(FFN_SHIFT))
+        per_layer = [layer.read(slots, fresh) for layer in self.states]  # [WKV, ATT_SHIFT, FFN_SHIFT] each
+        state = Rwkv6State(*(torch.stack([states[which] for states in per_layer]) for which in (ATT_SHIFT, WKV, FFN_SHIFT)))
         hidden, state = self.reference.backbone(input_ids, state)
-        for layer, cache in enumerate(caches):
-            cache[WKV][index] = state.wkv[layer]
-            cache[ATT_SHIFT][index] = state.att_shift[layer]
-            cache[FFN_SHIFT][index] = state.ffn_shift[layer]
+        for layer, cache in enumerate(self.states):
+            cache.write(slots, (state.wkv[layer], state.att_shift[layer], state.ffn_shift[layer]))
         return hidden
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -40,20 +40,34 @@ class StateCache(nn.Module, MambaBase):
     def mamba_type(self) -> MambaAttentionBackendEnum:
         return MambaAttentionBackendEnum.LINEAR
 
-    def row_groups(self, metadata: dict, device) -> list[tuple[torch.Tensor, list[int], list[bool]]]:
-        """This step's work, as ``(index, slots, fresh)`` groups to run from cached states: every decode
-        together (index [n, 1]: one token per row), then each prompt part alone (index [1, T]). ``index``
-        picks the group's tokens out of the flat batch; ``fresh`` marks rows starting from a zero state
-        (nothing of the request computed before). Padding rows (slot < 0) are left out."""
+    def row_groups(self, metadata: dict, device) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """This step's work, as ``(tokens, slots, fresh)`` groups to run from cached states: every decode
+        together (tokens [n, 1]: one per row), then each prompt part alone (tokens [1, T]). ``tokens``
+        picks the group's tokens out of the flat batch, ``slots`` its rows' state slots; ``fresh`` marks
+        rows starting from a zero state (nothing of the request computed before). Padding rows
+        (slot < 0) are left out."""
         meta = metadata[self.prefix]
         starts, lengths, slots = meta.query_start_loc.tolist(), meta.seq_lens.tolist(), meta.state_indices_tensor.tolist()
         groups = []
+
+        def add(tokens: list[list[int]], rows: list[int], fresh: list[bool]) -> None:
+            groups.append(tuple(torch.tensor(t, device=device) for t in (tokens, [slots[i] for i in rows], fresh)))
+
         decodes = [i for i in range(meta.num_decodes) if slots[i] >= 0]
         if decodes:
-            index = torch.tensor([[starts[i]] for i in decodes], device=device)
-            groups.append((index, [slots[i] for i in decodes], [lengths[i] == 1 for i in decodes]))
+            add([[starts[i]] for i in decodes], decodes, [lengths[i] == 1 for i in decodes])
         for i in range(meta.num_decodes, meta.num_decodes + meta.num_prefills):
             start, end = starts[i], starts[i + 1]
             if slots[i] >= 0:
-                groups.append((torch.arange(start, end, device=device)[None], [slots[i]], [lengths[i] == end - start]))
+                add([list(range(start, end))], [i], [lengths[i] == end - start])
         return groups
+
+    def read(self, slots: torch.Tensor, fresh: torch.Tensor) -> list[torch.Tensor]:
+        """Every state of the rows in ``slots`` ([rows, ...] each), zeros for ``fresh`` rows: chosen with
+        ``where``, not multiplied away, since a reused slot may hold non-finite leftovers."""
+        return [torch.where(fresh.view(-1, *[1] * (state.dim() - 1)), 0.0, state[slots]) for state in self.kv_cache]
+
+    def write(self, slots: torch.Tensor, states) -> None:
+        """Store the rows' states after a step, in ``get_state_shape``'s order."""
+        for cache, new in zip(self.kv_cache, states):
+            cache[slots] = new.to(cache.dtype)
