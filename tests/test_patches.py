@@ -33,7 +33,7 @@ def streamed(tokenizer, prompt, new, prime):
 
 @pytest.mark.parametrize("kind", ["word level", "byte-level BPE"])
 def test_prompt_tail_priming_prints_the_same_text(tmp_path, kind):
-    from vllm_oprm.patches.vllm_0_32_detokenizer_prompt_tail import PROMPT_TAIL
+    from vllm_oprm.patches.detokenizer_prompt_tail import PROMPT_TAIL
 
     if kind == "word level":
         tokenizer, pieces = build_tokenizer(str(tmp_path))._tokenizer, [f"w{i}" for i in range(251)]
@@ -51,3 +51,62 @@ def test_prompt_tail_priming_prints_the_same_text(tmp_path, kind):
         one_token_differs += streamed(tokenizer, prompt, new, lambda ids: ids[-1:]) != whole
     if kind == "byte-level BPE":  # a tail that cuts a character in two does print differently
         assert one_token_differs > 0
+
+
+PATCHES = (
+    "cpu_mamba1", "cpu_mamba2_checkpoints", "cpu_ray", "detokenizer_prompt_tail", "model_configs", "runner_logits_processor"
+)
+
+
+@pytest.mark.parametrize("name", PATCHES)
+def test_every_patch_names_its_vllm_releases_and_refuses_others(monkeypatch, name):
+    import importlib
+
+    import vllm
+
+    from vllm_oprm.plugin import SUPPORTED_VLLM
+
+    patch = importlib.import_module(f"vllm_oprm.patches.{name}")
+    assert set(patch.TARGET_VLLM) <= set(SUPPORTED_VLLM)
+    monkeypatch.setattr(vllm, "__version__", "0.31.0")
+    with pytest.raises(RuntimeError, match=rf"patches/{name}\.py targets vLLM .*found 0\.31\.0"):
+        patch.apply(*{"detokenizer_prompt_tail": ("key",), "model_configs": ([],), "runner_logits_processor": ("v1", "v2")}.get(name, ()))
+
+
+def plugin_probe(version: str | None) -> dict:
+    """Registers the plugin in a fresh interpreter (vLLM's registry is per process), optionally
+    pretending to be another vLLM release; reports what it registered and, on a pretended release,
+    what ``OPRMLLM`` says (on the real one it would start an engine)."""
+    import json
+    import subprocess
+    import sys
+
+    script = f"""
+import json, vllm
+if {version!r}: vllm.__version__ = {version!r}
+from vllm import ModelRegistry
+from vllm_oprm import OPRMLLM, plugin
+plugin.register()
+probe = {{"registered": sorted(set(plugin.MODELS) & set(ModelRegistry.get_supported_archs()))}}
+if {version!r}:
+    try:
+        OPRMLLM(model="unused")
+    except RuntimeError as exc:
+        probe["error"] = str(exc)
+print(json.dumps(probe))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_plugin_registers_every_family_on_the_installed_release():
+    from vllm_oprm.plugin import MODELS
+
+    assert plugin_probe(None)["registered"] == sorted(MODELS)
+
+
+def test_unsupported_vllm_registers_nothing_and_oprm_names_the_supported_releases():
+    probe = plugin_probe("0.34.0")
+    assert probe["registered"] == []
+    assert "vllm-oprm supports vLLM 0.32.0 and 0.33.0; found vLLM 0.34.0" in probe["error"]

@@ -52,7 +52,7 @@ def scan_inputs(lengths, chunk=8, nheads=2, headdim=4, dstate=3, seed=0):
 def test_patched_scan_returns_the_state_after_every_chunk():
     from vllm.model_executor.layers.mamba.ops.cpu.mamba_ssm import _mamba_chunk_scan_combined_fwd_cpu as cpu_scan
 
-    from vllm_oprm.patches.vllm_0_32_cpu_mamba2_checkpoints import chunk_states_scan
+    from vllm_oprm.patches.cpu_mamba2_checkpoints import chunk_states_scan
 
     lengths = [21, 8, 13]
     (x, dt, A, B, C), extra, initial, meta = scan_inputs(lengths)
@@ -78,7 +78,7 @@ def test_patched_scan_returns_the_state_after_every_chunk():
 def test_torch_checkpoint_store_writes_conv_window_and_chunk_state():
     from types import SimpleNamespace
 
-    from vllm_oprm.patches.vllm_0_32_cpu_mamba2_checkpoints import store_prefill_checkpoint_torch
+    from vllm_oprm.patches.cpu_mamba2_checkpoints import store_prefill_checkpoint_torch
 
     x = torch.arange(3 * 20, dtype=torch.float32).reshape(3, 20)  # (dim, tokens)
     conv_state, ssm_state = torch.zeros(5, 3, 4), torch.zeros(5, 2, 2)

@@ -1,4 +1,4 @@
-"""OPRM on vLLM's Ray executor with tensor parallelism 2, on CPU (`patches/vllm_0_32_cpu_ray.py`):
+"""OPRM on vLLM's Ray executor with tensor parallelism 2, on CPU (`patches/cpu_ray.py`):
 offline and through the server, against the reference backend."""
 
 import pytest

@@ -17,11 +17,8 @@ STEPS = 24  # past RecurrentGemma's 16-token attention window
 def engine_and_reference(request, tmp_path_factory):
     from vllm import LLM
 
-    from vllm_oprm.engine.capture import pin_v1_model_runner
-
     path = str(tmp_path_factory.mktemp(request.param))
     model, tokenizer = build_model_dir(request.param, path, seed=3)
-    pin_v1_model_runner()
     patch = pytest.MonkeyPatch()
     patch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model pickles a function to the worker
     # A 64-token step budget splits the longer prompts over several steps (chunked prefill). vLLM's
@@ -109,10 +106,7 @@ def recurrent_gemma_partition_sizes(model) -> list[int]:
 def test_tensor_parallel_2_shards_the_model_and_equals_the_reference(family, tmp_path, monkeypatch):
     from vllm import LLM
 
-    from vllm_oprm.engine.capture import pin_v1_model_runner
-
     model, tokenizer = build_model_dir(family, str(tmp_path), seed=3)
-    pin_v1_model_runner()
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per rank: the CPU worker cannot pick two here
     monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model pickles a function to the workers
     llm = LLM(model=str(tmp_path), dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=8,

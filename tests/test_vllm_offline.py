@@ -140,12 +140,3 @@ def test_bad_requests_raise_before_reaching_the_engine(llm, params, config, prom
     assert not llm.engine.has_unfinished_requests()
     assert llm.generate(["w1 w2"], SamplingParams(max_tokens=2), use_tqdm=False)[0].finished
 
-
-def test_mamba1_cpu_patch_is_version_gated(monkeypatch):
-    import vllm
-
-    from vllm_oprm.patches import vllm_0_32_cpu_mamba1
-
-    monkeypatch.setattr(vllm, "__version__", "0.33.0")
-    with pytest.raises(RuntimeError, match="targets vLLM 0.32.0, found 0.33.0"):
-        vllm_0_32_cpu_mamba1._check_version()

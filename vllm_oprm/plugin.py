@@ -1,13 +1,17 @@
 """vLLM general plugin: runs in every vLLM process, so it stays cheap and idempotent.
 
 Installing the package is enough: vLLM calls ``register()`` through the
-``vllm.general_plugins`` entry point. It registers the model classes vLLM lacks
-(lazily, as ``"module:Class"`` strings) with their Hugging Face config classes
-and has chunk requests' detokenizers primed with their prompt's tail; on the CPU
-platform it also applies the Mamba1, Mamba2 prefix-caching and Ray-executor
-fixes. All of these are version-gated fixes in ``patches/``.
-Requests without OPRM options are untouched; OPRM's entropy processor and
-worker extension are added only by ``OPRMLLM`` and ``vllm-oprm serve``.
+``vllm.general_plugins`` entry point. On a supported vLLM it registers the model
+classes vLLM lacks (lazily, as ``"module:Class"`` strings) with their Hugging
+Face config classes, has chunk requests' detokenizers primed with their
+prompt's tail, gives OPRM's entropy processor to the model runner vLLM picks
+(V1 or Model Runner V2) and, on the CPU platform, applies the Mamba1, Mamba2
+prefix-caching and Ray-executor fixes: each a fix in ``patches/`` that names
+the vLLM releases it targets and is applied on those only. On any other vLLM
+nothing is registered (a warning says so) and the first use of an OPRM feature
+raises ``require_supported_vllm``'s error. Requests without OPRM options are
+untouched; OPRM's entropy processor and worker extension are added only by
+``OPRMLLM`` and ``vllm-oprm serve``.
 """
 
 from __future__ import annotations
@@ -17,10 +21,28 @@ import logging
 logger = logging.getLogger(__name__)
 _registered = False
 
+SUPPORTED_VLLM = ("0.32.0", "0.33.0")  # releases the plugin and its patches were read against and tested on
 MODELS = {
     "Rwkv6ForCausalLM": "vllm_oprm.models.rwkv6:Rwkv6ForCausalLM",
     "RecurrentGemmaForCausalLM": "vllm_oprm.models.recurrent_gemma:RecurrentGemmaForCausalLM",
 }
+
+
+def unsupported_vllm() -> str | None:
+    """Why the installed vLLM cannot run OPRM, or None when it is a supported release."""
+    from vllm_oprm.patches import vllm_release
+
+    found = vllm_release()
+    if found in SUPPORTED_VLLM:
+        return None
+    return f"vllm-oprm supports vLLM {' and '.join(SUPPORTED_VLLM)}; found vLLM {found}"
+
+
+def require_supported_vllm() -> None:
+    """Raise the one clear error every OPRM entry point gives on an unsupported vLLM."""
+    reason = unsupported_vllm()
+    if reason is not None:
+        raise RuntimeError(reason + ": install a supported release (pip install 'vllm-oprm[gpu]' or '[cpu]')")
 
 
 def register() -> None:
@@ -28,38 +50,35 @@ def register() -> None:
     if _registered:
         return
     _registered = True
-    import vllm
+    reason = unsupported_vllm()
+    if reason is not None:
+        logger.warning("%s: nothing registered, OPRM features will refuse to start", reason)
+        return
     from transformers import AutoConfig
     from vllm import ModelRegistry
     from vllm.platforms import current_platform
 
-    from vllm_oprm.engine.capture import CAPTURE_KEY
+    from vllm_oprm.engine.capture import CAPTURE_KEY, PROCESSOR
+    from vllm_oprm.engine.capture_v2 import PROCESSOR_V2
     from vllm_oprm.models.rwkv6_config import Rwkv6HFConfig
     from vllm_oprm.patches import (
-        vllm_0_32_cpu_mamba1,
-        vllm_0_32_cpu_mamba2_checkpoints,
-        vllm_0_32_cpu_ray,
-        vllm_0_32_detokenizer_prompt_tail,
-        vllm_0_32_model_configs,
+        cpu_mamba1,
+        cpu_mamba2_checkpoints,
+        cpu_ray,
+        detokenizer_prompt_tail,
+        model_configs,
+        runner_logits_processor,
+        vllm_release,
     )
 
-    if vllm.__version__ == vllm_0_32_model_configs.TARGET_VLLM:
-        AutoConfig.register(Rwkv6HFConfig.model_type, Rwkv6HFConfig, exist_ok=True)
-        vllm_0_32_model_configs.apply(list(MODELS), without_prefix_caching=("RecurrentGemmaForCausalLM",))
-        for architecture, path in MODELS.items():
-            ModelRegistry.register_model(architecture, path)
-        vllm_0_32_detokenizer_prompt_tail.apply(CAPTURE_KEY)
-    else:
-        logger.warning(
-            "vllm-oprm: model classes %s not registered, chunk detokenizers not trimmed on vLLM %s",
-            list(MODELS),
-            vllm.__version__,
-        )
-
+    release = vllm_release()
+    AutoConfig.register(Rwkv6HFConfig.model_type, Rwkv6HFConfig, exist_ok=True)
+    model_configs.apply(list(MODELS), without_prefix_caching=("RecurrentGemmaForCausalLM",))
+    for architecture, path in MODELS.items():
+        ModelRegistry.register_model(architecture, path)
+    detokenizer_prompt_tail.apply(CAPTURE_KEY)
+    runner_logits_processor.apply(PROCESSOR, PROCESSOR_V2)
     if current_platform.is_cpu():
-        if vllm.__version__ == vllm_0_32_cpu_mamba1.TARGET_VLLM:
-            vllm_0_32_cpu_mamba1.apply()
-            vllm_0_32_cpu_mamba2_checkpoints.apply()
-            vllm_0_32_cpu_ray.apply()
-        else:
-            logger.warning("vllm-oprm: no CPU patches (Mamba1, Mamba2 prefix caching, Ray executor) for vLLM %s", vllm.__version__)
+        for patch in (cpu_mamba1, cpu_mamba2_checkpoints, cpu_ray):
+            if release in patch.TARGET_VLLM:
+                patch.apply()

@@ -1,7 +1,9 @@
 """Exact first-token entropy inside vLLM's worker, read back through ``collective_rpc``.
 
 A chunk request carries ``SamplingParams.extra_args[CAPTURE_KEY] = <key>``. The
-logits processor below sees the float32 logits of every row before penalties
+logits processor below (the V1 runner's interface; ``capture_v2`` holds its
+Model Runner V2 twin, and ``patches/runner_logits_processor.py`` gives the engine
+the one for the runner vLLM picks) sees the float32 logits of every row before penalties
 and temperature, and for a marked row that has not produced a token yet it
 records the full-vocabulary entropy and argmax under that key. Rows in a
 partial (chunked) prefill are overwritten by the final prefill step, and once
@@ -13,8 +15,6 @@ worker extension below: only (entropy, argmax) pairs travel.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
@@ -24,20 +24,6 @@ from ..core.selection import first_token_entropy
 CAPTURE_KEY = "oprm_capture"
 PROCESSOR = "vllm_oprm.engine.capture:FirstTokenEntropy"
 WORKER_EXTENSION = "vllm_oprm.engine.capture.OPRMWorkerExtension"
-
-V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
-
-
-def pin_v1_model_runner() -> None:
-    """Keep vLLM on the V1 model runner, whose logits-processor interface ours implements.
-
-    On CUDA, vLLM may default to Model Runner V2, which takes only V2-interface
-    processors; ours is verified on the V1 interface only (the one the CPU build
-    runs), so OPRM pins V1 unless the user set the variable. Set to 1, vLLM's V2
-    loader refuses our processor with an error at start-up.
-    """
-    os.environ.setdefault(V2_RUNNER_ENV, "0")
-
 
 # key -> (entropy, argmax); one dict per worker process, filled by the processor.
 _records: dict[str, tuple[float, int]] = {}
@@ -79,6 +65,18 @@ def merge_records(replies: list[dict[str, tuple[float, int]]]) -> dict[str, tupl
     """One dict from every worker's reply to ``TAKE_METHOD``: each worker answers for the
     rows it sampled (tensor-parallel ranks answer alike)."""
     return {key: record for reply in replies for key, record in reply.items()}
+
+
+async def take_records_from_every_engine(engine_client, keys: list[str]) -> dict[str, tuple[float, int]]:
+    """Pop ``keys``' records from every engine of an ``AsyncLLM``.
+
+    Under data parallelism vLLM spreads one request's chunk rows over its
+    engines, and ``AsyncLLM.collective_rpc`` answers with the first engine's
+    workers only, so the call goes to each engine core (one per data-parallel
+    rank; a single one otherwise).
+    """
+    per_engine = await engine_client.engine_core.call_utility_all_async("collective_rpc", TAKE_METHOD, None, (keys,), None)
+    return merge_records([reply for workers in per_engine for reply in workers])
 
 
 class OPRMWorkerExtension:

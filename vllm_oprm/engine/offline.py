@@ -10,7 +10,8 @@ from vllm import LLM, SamplingParams
 from vllm.outputs import RequestOutput
 
 from ..core import OPRMConfig, OPRMPrompt
-from .capture import PROCESSOR, TAKE_METHOD, WORKER_EXTENSION, merge_records, pin_v1_model_runner
+from ..plugin import require_supported_vllm
+from .capture import PROCESSOR, TAKE_METHOD, WORKER_EXTENSION, merge_records
 from .children import child_params, cumulative, parent_output
 from .fanout import Actions, FanOut
 from .layout import plan_request, prefix_cache_block
@@ -30,10 +31,10 @@ class OPRMLLM:
     """
 
     def __init__(self, **llm_kwargs: Any):
+        require_supported_vllm()
         processors = list(llm_kwargs.pop("logits_processors", None) or [])
         llm_kwargs["logits_processors"] = [*processors, PROCESSOR]
         llm_kwargs.setdefault("worker_extension_cls", WORKER_EXTENSION)
-        pin_v1_model_runner()
         self.llm = LLM(**llm_kwargs)
         self.engine = self.llm.llm_engine
         self.tokenizer = self.llm.get_tokenizer()

@@ -23,7 +23,7 @@ from vllm.outputs import RequestOutput
 from vllm.sampling_params import RequestOutputKind
 
 from ..core import ChunkRows, OPRMConfig, Selection
-from .capture import TAKE_METHOD, merge_records
+from .capture import take_records_from_every_engine
 from .children import child_params, parent_output
 from .fanout import Actions, FanOut
 from .metrics import ABORTED_CHUNKS, record_request
@@ -99,7 +99,7 @@ class OPRMEngineClient:
                 await apply(fanout.on_output(chunk, output))
                 keys = fanout.score_keys()
                 if keys:
-                    records = merge_records(await self._client.collective_rpc(TAKE_METHOD, args=(keys,)))
+                    records = await take_records_from_every_engine(self._client, keys)
                     await apply(fanout.on_records(records))
                 if fanout.selector.done:
                     job.selection = fanout.selection()
@@ -116,7 +116,7 @@ class OPRMEngineClient:
             outcome = "finished" if fanout.done() else "abandoned"  # the caller went away, or an error
             record_request(parent_id, job.config.mode, job.selection, len(fanout.rows), outcome)
             if unscored:  # drop first-token records nobody will read
-                await self._client.collective_rpc(TAKE_METHOD, args=(unscored,))
+                await take_records_from_every_engine(self._client, unscored)
 
 
 class _Emitter:

@@ -17,7 +17,8 @@ from collections.abc import MutableMapping
 from importlib.metadata import entry_points
 
 from ..core import ENV_DEFAULTS, defaults_from_env
-from ..engine.capture import PROCESSOR, WORKER_EXTENSION, pin_v1_model_runner
+from ..engine.capture import PROCESSOR, WORKER_EXTENSION
+from ..plugin import require_supported_vllm
 
 PLUGIN_NAME = "oprm"  # both entry points: vllm.general_plugins and vllm.endpoint_plugins
 USAGE = "usage: vllm-oprm serve MODEL [vLLM server args] " + " ".join(
@@ -82,8 +83,8 @@ def _with_processor(args: list[str]) -> list[str]:
 
 
 def main() -> None:
+    require_supported_vllm()
     sys.argv = ["vllm-oprm serve", *server_argv(sys.argv[1:], os.environ)]
-    pin_v1_model_runner()
     from vllm.entrypoints.launchers.api_server.entry import main as vllm_server_main
 
     vllm_server_main()

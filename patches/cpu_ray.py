@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import os
 
-TARGET_VLLM = "0.32.0"
+from . import check_target
+
+TARGET_VLLM = ("0.32.0", "0.33.0")
 
 try:
     import ray
@@ -53,13 +55,9 @@ class _RayWithCpuActors:
 
 
 def apply() -> None:
-    import vllm
-
-    if vllm.__version__ != TARGET_VLLM:
-        raise RuntimeError(
-            f"patches/vllm_0_32_cpu_ray.py targets vLLM {TARGET_VLLM}, found {vllm.__version__}: "
-            "check v1/executor/ray_executor.py's worker creation and ray_utils.get_node_and_physical_gpu_ids"
-        )
+    check_target(
+        "cpu_ray", TARGET_VLLM, "check v1/executor/ray_executor.py's worker creation and ray_utils.get_node_and_physical_gpu_ids"
+    )
     if ray is None:
         return
     from vllm.platforms.cpu import CpuPlatform

@@ -15,18 +15,16 @@ from __future__ import annotations
 
 import logging
 
-TARGET_VLLM = "0.32.0"
+from . import check_target
+
+TARGET_VLLM = ("0.32.0", "0.33.0")
 logger = logging.getLogger(__name__)
 
 
 def apply(architectures: list[str], without_prefix_caching: tuple[str, ...] = ()) -> None:
-    import vllm
-
-    if vllm.__version__ != TARGET_VLLM:
-        raise RuntimeError(
-            f"patches/vllm_0_32_model_configs.py targets vLLM {TARGET_VLLM}, found {vllm.__version__}: "
-            "check that vllm/model_executor/models/config.py still keys MODELS_CONFIG_MAP by architecture"
-        )
+    check_target(
+        "model_configs", TARGET_VLLM, "check that vllm/model_executor/models/config.py still keys MODELS_CONFIG_MAP by architecture"
+    )
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP, MambaModelConfig
 
     class Eager(MambaModelConfig):

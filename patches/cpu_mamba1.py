@@ -14,18 +14,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-TARGET_VLLM = "0.32.0"
+from . import check_target
+
+TARGET_VLLM = ("0.32.0", "0.33.0")
 _applied = False
 
 
 def _check_version() -> None:
-    import vllm
-
-    if vllm.__version__ != TARGET_VLLM:
-        raise RuntimeError(
-            f"patches/vllm_0_32_cpu_mamba1 targets vLLM {TARGET_VLLM}, found {vllm.__version__}; "
-            "check whether Mamba1 on CPU still needs it before re-targeting"
-        )
+    check_target("cpu_mamba1", TARGET_VLLM, "check whether Mamba1 on CPU still needs it before re-targeting")
 
 
 def _ssm_step(state, x, dt, A, B, C, D, z):

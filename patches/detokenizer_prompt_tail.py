@@ -13,7 +13,9 @@ last ``PROMPT_TAIL`` tokens. Every other request is untouched.
 
 from __future__ import annotations
 
-TARGET_VLLM = "0.32.0"
+from . import check_target
+
+TARGET_VLLM = ("0.32.0", "0.33.0")
 PROMPT_TAIL = 8  # covers a UTF-8 character split over up to 4 byte tokens, with room to spare
 _applied = False
 
@@ -23,13 +25,9 @@ def apply(marker_key: str) -> None:
     global _applied
     if _applied:
         return
-    import vllm
-
-    if vllm.__version__ != TARGET_VLLM:
-        raise RuntimeError(
-            f"patches/vllm_0_32_detokenizer_prompt_tail.py targets vLLM {TARGET_VLLM}, found {vllm.__version__}: "
-            "check how the fast incremental detokenizer is primed before re-targeting"
-        )
+    check_target(
+        "detokenizer_prompt_tail", TARGET_VLLM, "check how the fast incremental detokenizer is primed before re-targeting"
+    )
     import tokenizers.decoders
     from vllm.v1.engine import detokenizer
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import torch
 
-TARGET_VLLM = "0.32.0"
+from . import check_target
+
+TARGET_VLLM = ("0.32.0", "0.33.0")
 _applied = False
 
 
@@ -90,13 +92,9 @@ def apply() -> None:
     global _applied
     if _applied:
         return
-    import vllm
-
-    if vllm.__version__ != TARGET_VLLM:
-        raise RuntimeError(
-            f"patches/vllm_0_32_cpu_mamba2_checkpoints.py targets vLLM {TARGET_VLLM}, found "
-            f"{vllm.__version__}: check whether the CPU SSD scan returns intermediate states before re-targeting"
-        )
+    check_target(
+        "cpu_mamba2_checkpoints", TARGET_VLLM, "check whether the CPU SSD scan returns intermediate states before re-targeting"
+    )
     from vllm.model_executor.layers.mamba import mamba_mixer2
     from vllm.model_executor.layers.mamba.ops import ssd_combined
     from vllm.model_executor.layers.mamba.ops.cpu import mamba_ssm
