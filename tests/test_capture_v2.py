@@ -167,18 +167,32 @@ def test_spec_decode_upper_bound_overshoot(runner, records):
     assert records == {"key-a": expected(logits, 0)}
 
 
-@pytest.mark.parametrize("value", ["", 7, None, ["key"]])
-def test_validate_params_refuses_bad_keys(value):
-    with pytest.raises(ValueError, match=CAPTURE_KEY):
+@pytest.mark.parametrize("value", ["", 7, None, ["key"], "client-chosen"])
+def test_validate_params_refuses_keys_oprm_did_not_issue(value):
+    with pytest.raises(ValueError, match=f"{CAPTURE_KEY}.*reserved"):
         FirstTokenEntropyV2.validate_params(SamplingParams(extra_args={CAPTURE_KEY: value}))
     with pytest.raises(VLLMValidationError, match=CAPTURE_KEY):  # as vLLM's front end runs it
         build_custom_logits_processors_params_validator([PROCESSOR_V2])(SamplingParams(extra_args={CAPTURE_KEY: value}))
 
 
-def test_validate_params_accepts():
-    FirstTokenEntropyV2.validate_params(SamplingParams())
-    FirstTokenEntropyV2.validate_params(SamplingParams(extra_args={"other": 1}))
-    build_custom_logits_processors_params_validator([PROCESSOR_V2])(SamplingParams(extra_args={CAPTURE_KEY: "k"}))
+@pytest.mark.parametrize("processor", [PROCESSOR, PROCESSOR_V2])
+def test_validate_params_admits_an_issued_key_once(processor):
+    from vllm_oprm.engine.capture import issue_capture_key
+
+    cls = load_class(processor)
+    cls.validate_params(SamplingParams())
+    cls.validate_params(SamplingParams(extra_args={"other": 1}))
+    marked = SamplingParams(extra_args=issue_capture_key(f"issued-{processor}"))
+    cls.validate_params(marked)
+    with pytest.raises(ValueError, match="reserved"):  # a replay of the same key is a client's
+        cls.validate_params(marked)
+
+
+def load_class(fqcn):
+    import importlib
+
+    module, name = fqcn.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def test_each_loader_takes_only_its_own_interface():

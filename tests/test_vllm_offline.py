@@ -131,6 +131,8 @@ def test_one_state_slot_while_the_winner_decodes_and_none_after(llm, monkeypatch
         (SamplingParams(max_tokens=10), OPRMConfig(chunk_size=600), OPRMPrompt("w1", "w2 " * 600, "w3"), "max_model_len"),
         (GREEDY, OPRMConfig(chunk_size=16), OPRMPrompt([1], [10**6], [2]), "vocabulary"),
         (GREEDY, OPRMConfig(chunk_size=16), OPRMPrompt("w1", "", "w2"), "context is empty"),
+        (SamplingParams(extra_args={"oprm_capture": "mine"}), OPRMConfig(chunk_size=16), None, "is reserved"),
+        (SamplingParams(extra_args={"oprm_capture": "mine"}), OPRMConfig(chunk_size=16), "w1 w2", "is reserved"),
     ],
 )
 def test_bad_requests_raise_before_reaching_the_engine(llm, params, config, prompt, message):

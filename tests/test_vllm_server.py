@@ -234,6 +234,7 @@ BAD_REQUESTS = [
     ("negative temperature", {"temperature": -1.0}, {}, "temperature"),
     ("prefix cache on an engine without one", {}, {"prefix_cache": True}, "--enable-prefix-caching"),
     ("prefix cache as text", {}, {"prefix_cache": "yes"}, "oprm.prefix_cache must be true or false"),
+    ("reserved capture key", {"vllm_xargs": {"oprm_capture": "mine"}}, {}, "'oprm_capture' is reserved"),
 ]
 
 
@@ -279,6 +280,20 @@ def test_non_utf8_body_is_400(server):
     with pytest.raises(urllib.error.HTTPError) as error:
         urllib.request.urlopen(request, timeout=30)
     assert error.value.code == 400
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_plain_request_with_the_reserved_capture_key_is_400(server, chat):
+    _, client, path, _ = server
+    extra = {"vllm_xargs": {"oprm_capture": "mine"}}
+    with pytest.raises(openai.BadRequestError) as error:
+        if chat:
+            client.chat.completions.create(
+                model=path, messages=[{"role": "user", "content": "w1"}], max_tokens=2, extra_body=extra
+            )
+        else:
+            client.completions.create(model=path, prompt="w1 w2", max_tokens=2, extra_body=extra)
+    assert "'oprm_capture' is reserved" in error.value.message
 
 
 def test_serving_goes_on_after_bad_requests(server):

@@ -27,6 +27,45 @@ WORKER_EXTENSION = "vllm_oprm.engine.capture.OPRMWorkerExtension"
 
 # key -> (entropy, argmax); one dict per worker process, filled by the processor.
 _records: dict[str, tuple[float, int]] = {}
+# Capture keys this front-end process gave its own chunk requests, not yet admitted by vLLM.
+_issued: set[str] = set()
+
+
+def issue_capture_key(key: str) -> dict[str, str]:
+    """``extra_args`` entry that marks an OPRM chunk request; admitted once by ``admit_capture_key``."""
+    _issued.add(key)
+    return {CAPTURE_KEY: key}
+
+
+def withdraw_capture_keys(keys: list[str]) -> None:
+    """Forget keys issued for requests that were never submitted (the fan-out ended first)."""
+    _issued.difference_update(keys)
+
+
+RESERVED_KEY_ERROR = f"extra_args key {CAPTURE_KEY!r} is reserved for OPRM's chunk requests"
+
+
+def refuse_capture_key(params) -> None:
+    """A caller's own parameters may not carry ``CAPTURE_KEY`` (checked by OPRM before vLLM sees them)."""
+    if CAPTURE_KEY in (getattr(params, "extra_args", None) or {}):
+        raise ValueError(RESERVED_KEY_ERROR)
+
+
+def admit_capture_key(sampling_params) -> None:
+    """Both processors' ``validate_params``: vLLM runs it in the front end at admission.
+
+    Only OPRM's own chunk requests may carry ``CAPTURE_KEY``: a client could set
+    it through ``vllm_xargs`` and have records written that nobody reads, so a
+    key this process did not issue is refused (HTTP 400 from the server, a
+    ``ValueError`` offline). An issued key is admitted once.
+    """
+    extra = sampling_params.extra_args or {}
+    if CAPTURE_KEY not in extra:
+        return
+    key = extra[CAPTURE_KEY]
+    if not isinstance(key, str) or key not in _issued:
+        raise ValueError(RESERVED_KEY_ERROR)
+    _issued.discard(key)
 
 
 class FirstTokenEntropy(LogitsProcessor):
@@ -34,6 +73,10 @@ class FirstTokenEntropy(LogitsProcessor):
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         self._rows: dict[int, tuple[str, list[int]]] = {}  # batch index -> (key, live output tokens)
+
+    @classmethod
+    def validate_params(cls, sampling_params) -> None:
+        admit_capture_key(sampling_params)
 
     def is_argmax_invariant(self) -> bool:
         return False  # so it runs for greedy batches too; it never changes the logits

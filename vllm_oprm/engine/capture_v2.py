@@ -49,12 +49,10 @@ class FirstTokenEntropyV2(LogitsProcessor):
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
-        """Refuse a capture key that is not a non-empty string (OPRM's front end sets it)."""
-        from .capture import CAPTURE_KEY
+        """Refuse a capture key OPRM's front end did not issue (``capture.admit_capture_key``)."""
+        from .capture import admit_capture_key
 
-        extra = sampling_params.extra_args or {}
-        if CAPTURE_KEY in extra and not (isinstance(extra[CAPTURE_KEY], str) and extra[CAPTURE_KEY]):
-            raise ValueError(f"extra_args[{CAPTURE_KEY!r}] must be a non-empty str, got {extra[CAPTURE_KEY]!r}")
+        admit_capture_key(sampling_params)
 
     def add_request(self, req_idx: int, sampling_params: SamplingParams) -> bool:
         """(Re)initialise the slot; True only for a marked request with no output yet.

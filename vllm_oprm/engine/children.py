@@ -9,7 +9,7 @@ from vllm import SamplingParams
 from vllm.outputs import CompletionOutput, RequestOutput
 from vllm.sampling_params import RequestOutputKind
 
-from .capture import CAPTURE_KEY
+from .capture import issue_capture_key
 from .fanout import WARMUP, FanOut
 
 
@@ -30,7 +30,7 @@ def child_params(params: SamplingParams, fanout: FanOut, chunk: int, max_model_l
     if chunk == WARMUP:
         return SamplingParams(max_tokens=1, temperature=0.0, output_kind=RequestOutputKind.CUMULATIVE)
     child = cumulative(params)
-    child.extra_args = {**(params.extra_args or {}), CAPTURE_KEY: fanout.child_id(chunk)}
+    child.extra_args = {**(params.extra_args or {}), **issue_capture_key(fanout.child_id(chunk))}
     room = max_model_len - len(fanout.prompt_ids(chunk))
     if child.max_tokens is None or child.max_tokens > room:
         child.max_tokens = room

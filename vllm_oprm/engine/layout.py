@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..core import ChunkRows, OPRMConfig, OPRMPrompt, build_rows, check_vocabulary
+from .capture import refuse_capture_key
 
 
 def prefix_cache_block(vllm_config) -> int | None:
@@ -28,9 +29,10 @@ def plan_request(
 ) -> ChunkRows:
     """Chunk rows of one request, or a ValueError saying what is wrong with it.
 
-    ``params`` needs ``n``, ``best_of`` and ``max_tokens`` (SamplingParams or alike);
+    ``params`` needs ``n``, ``best_of``, ``max_tokens`` and ``extra_args`` (SamplingParams or alike);
     ``add_special_tokens`` is False for a rendered chat prompt; ``cache_block_size``
     is the engine's ``prefix_cache_block``."""
+    refuse_capture_key(params)
     if getattr(params, "n", 1) != 1:
         raise ValueError(f"n={params.n} is not supported with OPRM mode {config.mode!r}: one sequence per chunk")
     best_of = getattr(params, "best_of", None)

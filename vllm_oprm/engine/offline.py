@@ -11,7 +11,7 @@ from vllm.outputs import RequestOutput
 
 from ..core import OPRMConfig, OPRMPrompt
 from ..plugin import require_supported_vllm
-from .capture import PROCESSOR, TAKE_METHOD, WORKER_EXTENSION, merge_records
+from .capture import PROCESSOR, TAKE_METHOD, WORKER_EXTENSION, merge_records, refuse_capture_key
 from .children import child_params, cumulative, parent_output
 from .fanout import Actions, FanOut
 from .layout import plan_request, prefix_cache_block
@@ -57,6 +57,9 @@ class OPRMLLM:
             raise ValueError(f"sampling_params has {len(sampling_params)} entries for {len(prompts)} prompts")
         oprm = oprm or OPRMConfig()
         # Lay out and validate everything before the engine sees any of it.
+        for prompt, params in zip(prompts, sampling_params):
+            if not isinstance(prompt, OPRMPrompt):  # plan_request checks the OPRM ones
+                refuse_capture_key(params)
         plans = [
             plan_request(p, sp, oprm, self.tokenizer, self.max_model_len, cache_block_size=self.cache_block_size)
             if isinstance(p, OPRMPrompt)

@@ -23,7 +23,7 @@ from vllm.outputs import RequestOutput
 from vllm.sampling_params import RequestOutputKind
 
 from ..core import ChunkRows, OPRMConfig, Selection
-from .capture import take_records_from_every_engine
+from .capture import take_records_from_every_engine, withdraw_capture_keys
 from .children import child_params, parent_output
 from .fanout import Actions, FanOut
 from .metrics import ABORTED_CHUNKS, record_request
@@ -115,6 +115,7 @@ class OPRMEngineClient:
                 await self._client.abort(live)
             outcome = "finished" if fanout.done() else "abandoned"  # the caller went away, or an error
             record_request(parent_id, job.config.mode, job.selection, len(fanout.rows), outcome)
+            withdraw_capture_keys([fanout.child_id(chunk) for chunk in range(len(fanout.rows))])
             if unscored:  # drop first-token records nobody will read
                 await take_records_from_every_engine(self._client, unscored)
 

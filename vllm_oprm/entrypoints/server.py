@@ -108,7 +108,9 @@ def _plan(request, template: str, options: Any, state) -> OPRMJob:
     oprm = state.oprm
     context, config = parse_options(options, oprm.defaults, oprm.tokenizer)
     max_tokens = getattr(request, "max_completion_tokens", None) or request.max_tokens
-    limits = SimpleNamespace(n=request.n or 1, best_of=getattr(request, "best_of", None), max_tokens=max_tokens)
+    limits = SimpleNamespace(
+        n=request.n or 1, best_of=getattr(request, "best_of", None), max_tokens=max_tokens, extra_args=request.vllm_xargs
+    )
     prompt = OPRMPrompt.from_template(template, context)
     layout = plan_request(
         prompt, limits, config, oprm.tokenizer, oprm.max_model_len, request.add_special_tokens, oprm.cache_block_size
