@@ -14,6 +14,13 @@ from vllm_oprm import OPRMConfig, OPRMPrompt  # noqa: E402
 from vllm_oprm.reference import OPRMGenerator  # noqa: E402
 from vllm_oprm.testing import build_model_dir, metric, oprm_server, same_words, words  # noqa: E402
 
+from vllm_oprm.patches import cpu_ray, vllm_release  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    vllm_release() not in cpu_ray.TARGET_VLLM,
+    reason=f"patches/cpu_ray.py (Ray executor on CPU) targets vLLM {cpu_ray.TARGET_VLLM} only",
+)
+
 RAY_TP2 = {"distributed_executor_backend": "ray", "tensor_parallel_size": 2}
 CONFIG = OPRMConfig(chunk_size=16, max_batch_tokens=60)
 
