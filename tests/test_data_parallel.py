@@ -15,16 +15,12 @@ pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
 
 from vllm_oprm import OPRMConfig, OPRMPrompt  # noqa: E402
-from vllm_oprm.patches import vllm_release  # noqa: E402
 from vllm_oprm.reference import OPRMGenerator  # noqa: E402
 from vllm_oprm.testing import build_model_dir, metric, oprm_server, same_words, words  # noqa: E402
 
-# vLLM 0.33's CPU worker takes data-parallel rank r's memory from NUMA node r (cpu_worker.py,
-# get_visible_memory_node) and refuses duplicate --device-ids; on this one-node machine rank 1 cannot start.
-pytestmark = pytest.mark.skipif(
-    vllm_release() != "0.32.0", reason="vLLM 0.33's CPU build needs one NUMA node per data-parallel rank"
-)
-
+# On CPU: vLLM 0.33 gives data-parallel rank r NUMA node r unless CPU_VISIBLE_MEMORY_NODES lists one per rank
+# (this machine has one node), and each engine gets a core of its own (by default both bind core 0).
+CPU_PLACEMENT = {"CPU_VISIBLE_MEMORY_NODES": "0,0", "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
 CHUNK = 16
 GREEDY = {"max_tokens": 8, "temperature": 0.0}
 EXACT = {"ignore_eos": True, "return_token_ids": True}
@@ -36,7 +32,7 @@ def server(request, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("mamba2_dp"))
     model, tokenizer = build_model_dir("mamba2", path, seed=2)
     dp_args = ("--data-parallel-size", "2", "--data-parallel-backend", request.param)
-    with oprm_server(path, *ENGINE_ARGS, *dp_args, "--oprm-chunk-size", str(CHUNK), timeout_s=600) as running:
+    with oprm_server(path, *ENGINE_ARGS, *dp_args, "--oprm-chunk-size", str(CHUNK), timeout_s=600, env=CPU_PLACEMENT) as running:
         client = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0)
         yield running.url, client, path, OPRMGenerator(model, tokenizer)
         assert metric(running.url, "vllm:num_requests_running") == 0  # summed over both engines

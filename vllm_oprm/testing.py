@@ -113,9 +113,11 @@ def same_words(engine_text: str, reference_text: str) -> bool:
 
 
 @contextlib.contextmanager
-def oprm_server(model_dir: str, *server_args: str, timeout_s: float = 300) -> Iterator[LocalServer]:
+def oprm_server(
+    model_dir: str, *server_args: str, timeout_s: float = 300, env: dict[str, str] | None = None
+) -> Iterator[LocalServer]:
     """``vllm-oprm serve MODEL`` on 127.0.0.1 and a free port, stopped on exit (``.url``, ``.pid``)."""
-    server = start_local_server(model_dir, server_args, timeout_s=timeout_s)
+    server = start_local_server(model_dir, server_args, env=env, timeout_s=timeout_s)
     try:
         yield server
     finally:
