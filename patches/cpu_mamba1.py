@@ -20,10 +20,6 @@ TARGET_VLLM = ("0.32.0", "0.33.0")
 _applied = False
 
 
-def _check_version() -> None:
-    check_target("cpu_mamba1", TARGET_VLLM, "check whether Mamba1 on CPU still needs it before re-targeting")
-
-
 def _ssm_step(state, x, dt, A, B, C, D, z):
     """One token of the selective SSM for a batch of rows, all float32.
 
@@ -91,9 +87,9 @@ def selective_state_update_torch(
 def apply() -> None:
     """Patch ``vllm.model_executor.layers.mamba.mamba_mixer`` in this process (idempotent)."""
     global _applied
+    check_target("cpu_mamba1", TARGET_VLLM, "check whether Mamba1 on CPU still needs it before re-targeting")
     if _applied:
         return
-    _check_version()
     from vllm.model_executor.layers.mamba import mamba_mixer
 
     mamba_mixer.selective_scan_fn = selective_scan_torch

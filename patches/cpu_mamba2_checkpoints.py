@@ -90,11 +90,11 @@ def store_prefill_checkpoint_torch(checkpoint, chunk_idx, x, conv_state, chunk_s
 def apply() -> None:
     """Patch the Mamba2 scan and checkpoint store as vLLM's modules see them (idempotent)."""
     global _applied
-    if _applied:
-        return
     check_target(
         "cpu_mamba2_checkpoints", TARGET_VLLM, "check whether the CPU SSD scan returns intermediate states before re-targeting"
     )
+    if _applied:
+        return
     from vllm.model_executor.layers.mamba import mamba_mixer2
     from vllm.model_executor.layers.mamba.ops import ssd_combined
     from vllm.model_executor.layers.mamba.ops.cpu import mamba_ssm

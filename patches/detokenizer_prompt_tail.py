@@ -23,11 +23,11 @@ _applied = False
 def apply(marker_key: str) -> None:
     """Patch requests whose ``SamplingParams.extra_args`` hold ``marker_key`` (idempotent)."""
     global _applied
-    if _applied:
-        return
     check_target(
         "detokenizer_prompt_tail", TARGET_VLLM, "check how the fast incremental detokenizer is primed before re-targeting"
     )
+    if _applied:
+        return
     import tokenizers.decoders
     from vllm.v1.engine import detokenizer
 
