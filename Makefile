@@ -12,11 +12,12 @@ VLLM_0_33_CPU ?= ../shared/vllm-0.33-cpu
 VENV_0_33 ?= .venv-0.33
 TORCH_CPU := torch==2.13.0+cpu
 # Everything that starts a vLLM engine or loads the plugin; the rest (core, reference, kernels,
-# LongBench metrics) does not depend on the vLLM version. Not here: the Ray executor on CPU
-# (tests/test_ray_executor.py), whose fix targets 0.32 only, and Ray Serve, which runs 0.32's servers.
+# LongBench metrics) does not depend on the vLLM version. Left to the 0.32 leg to keep CI near an hour:
+# load and faults (tests/test_server_load.py) and Ray (Ray Data, Ray Serve; the Ray executor fix targets 0.32
+# only). Both of the first two passed on 0.33 when run by hand (`make test-vllm-0.33 ENGINE_TESTS=...`).
 ENGINE_TESTS := tests/test_patches.py tests/test_cli.py tests/test_vllm_offline.py tests/test_vllm_models.py \
-	tests/test_vllm_server.py tests/test_server_load.py tests/test_prefix_cache.py tests/test_data_parallel.py \
-	tests/test_capture_v2.py tests/test_runner_choice.py tests/test_ray_batch.py
+	tests/test_vllm_server.py tests/test_prefix_cache.py tests/test_data_parallel.py \
+	tests/test_capture_v2.py tests/test_runner_choice.py
 
 .PHONY: demo test test-vllm-0.33 bench venv
 
