@@ -5,8 +5,7 @@ logits processor below (the V1 runner's interface; ``capture_v2`` holds its
 Model Runner V2 twin, and ``patches/runner_logits_processor.py`` gives the
 engine the one for the runner vLLM picks) sees the float32 logits of every row
 before penalties and temperature, and for a marked row that has not produced a
-token yet it
-records the full-vocabulary entropy and argmax under that key. Rows in a
+token yet it records the full-vocabulary entropy and argmax under that key. Rows in a
 partial (chunked) prefill are overwritten by the final prefill step, and once
 the first token exists the row is left alone, so later decode steps cost
 nothing and carry no vocabulary-sized payload. The front end pops the records
