@@ -3,9 +3,12 @@
 vLLM balances requests over the engines one request at a time, so one OPRM request's chunk
 rows land on both engines and each engine's worker holds the first-token records of the rows it
 ran: the fan-out must collect them from every engine. Every answer is checked against the
-reference backend, and no engine keeps a request (a state slot) afterwards.
+reference backend, and no engine keeps a request (a state slot) afterwards. Both of vLLM's
+data-parallel backends: "mp" (engine processes) and "ray" (engine actors on a local Ray with
+4 logical CPUs, each running the Ray executor; ``patches/cpu_ray.py``).
 """
 
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -27,12 +30,29 @@ EXACT = {"ignore_eos": True, "return_token_ids": True}
 ENGINE_ARGS = ("--dtype", "float32", "--enforce-eager", "--max-model-len", "1024", "--max-num-seqs", "8")
 
 
-@pytest.fixture(scope="module", params=["mp"])
+@contextlib.contextmanager
+def local_ray(num_cpus):
+    """A local Ray cluster of ``num_cpus`` logical CPUs; yields its address (for ``RAY_ADDRESS``)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module", params=["mp", "ray"])
 def server(request, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("mamba2_dp"))
     model, tokenizer = build_model_dir("mamba2", path, seed=2)
     dp_args = ("--data-parallel-size", "2", "--data-parallel-backend", request.param)
-    with oprm_server(path, *ENGINE_ARGS, *dp_args, "--oprm-chunk-size", str(CHUNK), timeout_s=600, env=CPU_PLACEMENT) as running:
+    with contextlib.ExitStack() as stack:
+        env = dict(CPU_PLACEMENT)
+        if request.param == "ray":  # per rank: one CPU for the worker, one for the engine actor
+            env["RAY_ADDRESS"] = stack.enter_context(local_ray(num_cpus=4))
+        running = stack.enter_context(
+            oprm_server(path, *ENGINE_ARGS, *dp_args, "--oprm-chunk-size", str(CHUNK), timeout_s=600, env=env)
+        )
         client = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0)
         yield running.url, client, path, OPRMGenerator(model, tokenizer)
         assert metric(running.url, "vllm:num_requests_running") == 0  # summed over both engines
@@ -76,3 +96,20 @@ def test_oprm_requests_over_two_engines_equal_reference(server):
     # Both engines prefilled chunk rows (so the records really came from two engines).
     for engine, before in prompt_tokens.items():
         assert metric(url, "vllm:prompt_tokens_total", engine=engine) > before + 5 * CHUNK
+
+
+def test_ray_backend_with_too_few_ray_cpus_fails_fast(monkeypatch):
+    """Each rank needs world_size + 1 Ray CPUs; vLLM counts world_size and would wait for ever."""
+    from types import SimpleNamespace
+
+    pytest.importorskip("ray")
+    from ray._private import state
+    from vllm.v1.engine.utils import CoreEngineActorManager
+
+    from vllm_oprm.patches import cpu_ray
+
+    cpu_ray.apply()  # what the plugin does in the API server process
+    monkeypatch.setattr(state, "available_resources_per_node", lambda: {"n1": {"CPU": 2.0, "node:10.0.0.1": 1.0}})
+    parallel = SimpleNamespace(data_parallel_size_local=2, world_size=1, data_parallel_master_ip="10.0.0.1")
+    with pytest.raises(ValueError, match=r"needs 4 Ray CPUs on 10\.0\.0\.1 .*found 2 available.*--num-cpus 4"):
+        CoreEngineActorManager.create_dp_placement_groups(SimpleNamespace(parallel_config=parallel))
