@@ -13,11 +13,13 @@ VENV_0_33 ?= .venv-0.33
 TORCH_CPU := torch==2.13.0+cpu
 # Everything that starts a vLLM engine or loads the plugin; the rest (core, reference, kernels,
 # LongBench metrics) does not depend on the vLLM version. Left to the 0.32 leg to keep CI near an hour:
-# load and faults (tests/test_server_load.py) and Ray (Ray Data, Ray Serve; the Ray executor fix targets 0.32
-# only). Both of the first two passed on 0.33 when run by hand (`make test-vllm-0.33 ENGINE_TESTS=...`).
+# load and faults (tests/test_server_load.py) and Ray (Ray Data, Ray Serve, the Ray executor with TP 2, about
+# 4.5 min on 0.33, and the data-parallel test's Ray-backend case, about 4.7 min on 0.33). All of them passed on
+# 0.33 when run by hand (`make test-vllm-0.33 ENGINE_TESTS=... ENGINE_DESELECT=`).
 ENGINE_TESTS := tests/test_patches.py tests/test_cli.py tests/test_vllm_offline.py tests/test_vllm_models.py \
 	tests/test_vllm_server.py tests/test_prefix_cache.py tests/test_data_parallel.py \
 	tests/test_capture_v2.py tests/test_runner_choice.py
+ENGINE_DESELECT := --deselect 'tests/test_data_parallel.py::test_oprm_requests_over_two_engines_equal_reference[ray]'
 
 .PHONY: demo test test-vllm-0.33 bench venv
 
@@ -58,4 +60,4 @@ test: venv
 	else echo "SKIPPED the vLLM 0.33 leg: $(VLLM_0_33_CPU) (a CPU build of vLLM 0.33) is not here; tested on vLLM 0.32 only"; fi
 
 test-vllm-0.33: $(VENV_0_33)/.installed
-	$(VENV_0_33)/bin/python -m pytest -q $(ENGINE_TESTS)
+	$(VENV_0_33)/bin/python -m pytest -q $(ENGINE_TESTS) $(ENGINE_DESELECT)
