@@ -1,14 +1,14 @@
-"""vLLM 0.32: give out-of-tree recurrent architectures Mamba's model-config fix-ups.
+"""vLLM 0.32 / 0.33: give out-of-tree recurrent architectures Mamba's model-config fix-ups, and their
+state ops the place vLLM gives its own in piecewise compilation.
 
 vLLM sets ``cache_config.mamba_block_size`` (needed by every ``MambaBase``
 layer) only for architectures listed in its internal ``MODELS_CONFIG_MAP``;
-there is no public hook. This adds ours, and only on the version it was read
-against. Our classes loop over a batch's requests in Python (reading the
-metadata on the host), which neither CUDA graphs nor torch.compile can
-capture, so they always run eager, as ``enforce_eager`` does. Hybrid
-(attention + recurrent) models get prefix caching on by default in vLLM;
-architectures in ``without_prefix_caching`` keep one state per request, so for
-them it is turned off, with a warning.
+there is no public hook. This adds ours. Hybrid (attention + recurrent) models
+get prefix caching on by default in vLLM; architectures in
+``without_prefix_caching`` keep one state per request, so for them it is turned
+off, with a warning. Our layers' state ops (``torch.ops.vllm.oprm_*``) join
+``CompilationConfig._attention_ops``, the ops vLLM splits its compiled graph at
+(so piecewise CUDA graphs leave them out, as they leave out ``mamba_mixer2``).
 """
 
 from __future__ import annotations
@@ -18,24 +18,20 @@ import logging
 from . import check_target
 
 TARGET_VLLM = ("0.32.0", "0.33.0")
+STATE_OPS = ("vllm::oprm_token_shift", "vllm::oprm_rwkv6_wkv", "vllm::oprm_recurrent_gemma_rglru")
 logger = logging.getLogger(__name__)
 
 
 def apply(architectures: list[str], without_prefix_caching: tuple[str, ...] = ()) -> None:
     check_target(
-        "model_configs", TARGET_VLLM, "check that vllm/model_executor/models/config.py still keys MODELS_CONFIG_MAP by architecture"
+        "model_configs", TARGET_VLLM,
+        "check that vllm/model_executor/models/config.py still keys MODELS_CONFIG_MAP by architecture and "
+        "that vllm/config/compilation.py still splits at CompilationConfig._attention_ops",
     )
+    from vllm.config.compilation import CompilationConfig
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP, MambaModelConfig
 
-    class Eager(MambaModelConfig):
-        @classmethod
-        def verify_and_update_config(cls, vllm_config) -> None:
-            if not vllm_config.model_config.enforce_eager:
-                logger.info("vllm-oprm: %s runs eager (no CUDA graphs or torch.compile)", vllm_config.model_config.architecture)
-                vllm_config.model_config.enforce_eager = True
-            super().verify_and_update_config(vllm_config)
-
-    class EagerWithoutPrefixCaching(Eager):
+    class WithoutPrefixCaching(MambaModelConfig):
         @classmethod
         def verify_and_update_config(cls, vllm_config) -> None:
             if vllm_config.cache_config.enable_prefix_caching:
@@ -48,5 +44,5 @@ def apply(architectures: list[str], without_prefix_caching: tuple[str, ...] = ()
             super().verify_and_update_config(vllm_config)
 
     for architecture in architectures:
-        hook = EagerWithoutPrefixCaching if architecture in without_prefix_caching else Eager
-        MODELS_CONFIG_MAP.setdefault(architecture, hook)
+        MODELS_CONFIG_MAP.setdefault(architecture, WithoutPrefixCaching if architecture in without_prefix_caching else MambaModelConfig)
+    CompilationConfig._attention_ops.extend(op for op in STATE_OPS if op not in CompilationConfig._attention_ops)

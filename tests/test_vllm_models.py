@@ -7,6 +7,7 @@ import torch
 pytest.importorskip("vllm")
 
 from vllm import SamplingParams  # noqa: E402
+from vllm.config import CompilationMode  # noqa: E402
 
 from vllm_oprm.testing import build_model_dir, words  # noqa: E402
 
@@ -22,10 +23,11 @@ def engine_and_reference(request, tmp_path_factory):
     patch = pytest.MonkeyPatch()
     patch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model pickles a function to the worker
     # A 64-token step budget splits the longer prompts over several steps (chunked prefill). vLLM's
-    # default compilation settings: the plugin makes these classes eager and RecurrentGemma cache-less.
+    # default compilation settings: the classes run compiled, RecurrentGemma without prefix caching.
     llm = LLM(model=path, dtype="float32", max_model_len=512, max_num_seqs=8, max_num_batched_tokens=64)
     config = llm.llm_engine.vllm_config
-    assert config.model_config.enforce_eager and not config.cache_config.enable_prefix_caching
+    assert not config.model_config.enforce_eager and not config.cache_config.enable_prefix_caching
+    assert config.compilation_config.mode != CompilationMode.NONE
     yield llm, model, tokenizer
     llm.llm_engine.engine_core.shutdown()
     patch.undo()
@@ -66,9 +68,11 @@ def test_greedy_and_first_token_logprobs_equal_the_reference(engine_and_referenc
 
 def poison_states(model) -> int:
     """Fill every recurrent-state slot with NaN (what a reused slot could hold); returns the tensors filled."""
-    from vllm_oprm.models.state_cache import StateCache
+    from vllm_oprm.models.state_cache import RecurrentStateLayer
 
-    filled = [state.fill_(float("nan")) for layer in model.modules() if isinstance(layer, StateCache) for state in layer.kv_cache]
+    filled = [
+        state.fill_(float("nan")) for layer in model.modules() if isinstance(layer, RecurrentStateLayer) for state in layer.kv_cache
+    ]
     return len(filled)
 
 
@@ -86,10 +90,10 @@ def rwkv6_partition_sizes(model) -> list[int]:
     """On each rank: a channel mix's key outputs and value inputs, the head's vocabulary rows, a time mix's
     key outputs and output inputs, its heads in the WKV state (vLLM's CPU linears repack their weights, so
     sizes come from the layers)."""
-    block = model.reference.rwkv.blocks[0]
+    block = model.rwkv.blocks[0]
     return [block.feed_forward.key.output_size_per_partition, block.feed_forward.value.input_size_per_partition,
-            model.reference.head.weight.shape[0], block.attention.key.output_size_per_partition,
-            block.attention.output.input_size_per_partition, model.states[0].get_state_shape()[0][0]]
+            model.head.weight.shape[0], block.attention.key.output_size_per_partition,
+            block.attention.output.input_size_per_partition, block.get_state_shape()[0][0]]
 
 
 def recurrent_gemma_partition_sizes(model) -> list[int]:
@@ -98,7 +102,7 @@ def recurrent_gemma_partition_sizes(model) -> list[int]:
     recurrent, attention = model.model.layers[0].temporal_block, model.model.layers[2].temporal_block
     return [model.model.embed_tokens.weight.shape[0], recurrent.linear_x.output_size_per_partition,
             recurrent.conv_1d.weight.shape[0], recurrent.rg_lru.input_gate_weight.shape[0],
-            recurrent.state.get_state_shape()[0][0], attention.attn.num_heads, attention.attn.num_kv_heads,
+            recurrent.get_state_shape()[0][0], attention.attn.num_heads, attention.attn.num_kv_heads,
             model.model.layers[0].mlp_block.gate_up_proj.output_size_per_partition]
 
 

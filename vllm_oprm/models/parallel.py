@@ -1,4 +1,4 @@
-"""Tensor-parallel helpers the model classes share."""
+"""Parameters the model classes share: a rank's part of a checkpoint tensor, or a tensor sized by the checkpoint."""
 
 from __future__ import annotations
 
@@ -14,6 +14,21 @@ def rank_part(shape: tuple[int, ...], dim: int, rank: int, full_shape: tuple[int
 
     def load(target: nn.Parameter, full: torch.Tensor) -> None:
         target.copy_(full.reshape(full_shape).narrow(dim, rank * size, size))
+
+    part.weight_loader = load
+    return part
+
+
+def checkpoint_sized(dim: int | None = None, rank: int = 0, ranks: int = 1) -> nn.Parameter:
+    """A parameter whose size the checkpoint decides (a LoRA rank no config field names): it takes the
+    loaded tensor's shape, or this rank's equal part of it along ``dim``."""
+    part = nn.Parameter(torch.empty(0), requires_grad=False)
+
+    def load(target: nn.Parameter, full: torch.Tensor) -> None:
+        if dim is not None:
+            size = full.shape[dim] // ranks
+            full = full.narrow(dim, rank * size, size)
+        target.data = full.to(device=target.device, dtype=target.dtype).contiguous()
 
     part.weight_loader = load
     return part

@@ -3,11 +3,12 @@
 A hybrid model, as vLLM runs Jamba: the local-attention blocks are vLLM
 ``Attention`` layers with the checkpoint's sliding window (their keys and
 values live in vLLM's paged KV cache, which frees blocks that slide out of the
-window), and every recurrent block owns a ``StateCache`` layer in vLLM's
-recurrent-state manager holding its conv window and fp32 RG-LRU state. The
-RG-LRU scan is ``vllm_oprm.ops.rglru.rglru_scan`` (the torch reference on CPU,
-the fused Triton kernel on CUDA). Decodes run as one batch; each prompt part
-runs from its request's cached state.
+window), and every recurrent block is a ``RecurrentStateLayer`` whose conv window
+and fp32 RG-LRU state live in vLLM's recurrent-state manager. Its conv + RG-LRU
+is one custom op over every row of the step (decodes as single steps, prefill
+rows in one varlen call: fla's HGRN kernels on CUDA, a parallel scan in torch
+elsewhere) reading and writing those states by slot; the rest is traced by
+torch.compile.
 
 Tensor parallelism: the embedding (tied head) by vocabulary; attention by
 heads (the single key/value head of the published checkpoints is replicated);
@@ -23,9 +24,9 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
-from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.activation import GeluAndMul
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import GemmaRMSNorm
@@ -40,9 +41,12 @@ from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid
 
-from ..ops.rglru import rglru_scan
+from ..ops.rglru import rglru_decode, rglru_varlen
+from ..ops.varlen import RowLayout
 from .parallel import rank_part
-from .state_cache import StateCache
+from .state_cache import RecurrentStateLayer, layer_of, register_layer_op
+
+RNN, CONV = range(2)  # order of a recurrent block's states (fp32 first: aligned views)
 
 # checkpoint name part -> (this model's stacked parameter, shard id)
 STACKED = {
@@ -118,24 +122,23 @@ class RecurrentGemmaRglru(nn.Module):
             setattr(self, f"{gate}_weight", rank_part((heads, block, block), 0, rank, (full_heads, block, block)))
             setattr(self, f"{gate}_bias", rank_part((heads, block), 0, rank, (full_heads, block)))
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: [rows, T, width]; positions: [rows, T]; state: [rows, width] fp32. Position 0 restarts the
-        recurrence and skips the input normalization, as in transformers."""
-        rows, length, width = x.shape
-        per_head = x.reshape(rows, length, self.heads, self.block)
-        input_gate = torch.sigmoid(torch.einsum("bthi,hij->bthj", per_head, self.input_gate_weight) + self.input_gate_bias)
-        recurrent_gate = torch.sigmoid(
-            torch.einsum("bthi,hij->bthj", per_head, self.recurrent_gate_weight) + self.recurrent_gate_bias
-        )
-        log_a = -8.0 * recurrent_gate.reshape(rows, length, width) * F.softplus(self.recurrent_param)
-        reset = (positions == 0)[..., None]
+    def gates(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scan's input and decay for tokens x [N, width] at ``positions``: position 0 restarts the
+        recurrence (decay 0) and skips the input normalization, as in transformers."""
+        tokens, width = x.shape
+        per_head = x.reshape(tokens, self.heads, self.block)
+        input_gate = torch.sigmoid(torch.einsum("thi,hij->thj", per_head, self.input_gate_weight) + self.input_gate_bias)
+        recurrent_gate = torch.sigmoid(torch.einsum("thi,hij->thj", per_head, self.recurrent_gate_weight) + self.recurrent_gate_bias)
+        log_a = -8.0 * recurrent_gate.reshape(tokens, width) * F.softplus(self.recurrent_param)
+        reset = (positions == 0)[:, None]
         multiplier = torch.where(reset, 1.0, torch.sqrt(1 - torch.exp(2 * log_a)))
-        normalized = x * input_gate.reshape(rows, length, width) * multiplier.to(x.dtype)
-        return rglru_scan(normalized, torch.exp(log_a) * ~reset, state)
+        normalized = x * input_gate.reshape(tokens, width) * multiplier.to(x.dtype)
+        return normalized, torch.exp(log_a) * ~reset
 
 
-class RecurrentGemmaRecurrentBlock(nn.Module):
-    """Gated branch times (linear, causal depthwise conv, RG-LRU) branch; its state in vLLM's state manager."""
+class RecurrentGemmaRecurrentBlock(nn.Module, RecurrentStateLayer):
+    """Gated branch times (linear, causal depthwise conv, RG-LRU) branch; its conv window and RG-LRU
+    state live in vLLM's state manager, and the conv + RG-LRU of all rows is one custom op."""
 
     def __init__(self, config, vllm_config: VllmConfig, prefix: str):
         super().__init__()
@@ -149,36 +152,57 @@ class RecurrentGemmaRecurrentBlock(nn.Module):
         self.conv_1d.bias = rank_part((width,), 0, rank, (lru,))
         self.rg_lru = RecurrentGemmaRglru(config, rank, ranks)
         self.act = nn.GELU(approximate="tanh")
-        self.state = StateCache(
-            recurrent_state_shapes(config, ranks), (torch.float32, vllm_config.model_config.dtype), vllm_config, f"{prefix}.state"
-        )
+        self.init_states(recurrent_state_shapes(config, ranks), (torch.float32, vllm_config.model_config.dtype), vllm_config, prefix)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         gate = self.act(self.linear_y(x)[0])
         branch = self.linear_x(x)[0]
-        out = torch.zeros_like(branch)
-        metadata = get_forward_context().attn_metadata
-        if metadata is None:  # vLLM's profiling and warm-up runs: one sequence, no cache
-            rnn = torch.zeros(1, branch.shape[1], device=x.device)
-            conv = torch.zeros(1, branch.shape[1], self.conv_1d.weight.shape[-1] - 1, dtype=x.dtype, device=x.device)
-            return self.linear_out(self._recur(branch[None], positions[None], conv, rnn)[0][0] * gate)[0]
-        for tokens, slots, fresh in self.state.row_groups(metadata, x.device):
-            out[tokens] = self._step(branch[tokens], positions[tokens], slots, fresh)
+        out = torch.empty_like(branch)
+        rglru(branch, positions, out, self.prefix)
         return self.linear_out(out * gate)[0]
 
-    def _step(self, branch: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
-        """Rows [rows, T, width] from their cached states (zeros where fresh); stores the states after them."""
-        rnn, conv = self.state.read(slots, fresh)
-        out, conv, rnn = self._recur(branch, positions, conv, rnn)
-        self.state.write(slots, (rnn, conv))
-        return out
+    def recur(self, branch: torch.Tensor, positions: torch.Tensor, out: torch.Tensor) -> None:
+        """Conv then RG-LRU over this step's rows [N, width], each from its cached states; stores the states after."""
+        meta = self.step_metadata()
+        if meta is None:  # vLLM's profiling and warm-up runs: no requests, no cache
+            out.zero_()
+            return
+        d, p = meta.num_decodes, meta.num_prefill_tokens
+        if d:
+            conv = self.read_states(CONV, meta.slots_d, meta.continues_d).to(branch.dtype)
+            window = torch.cat([conv, branch[:d, :, None]], dim=-1)  # [rows, width, W]
+            convolved = (window * self.conv_1d.weight[:, 0]).sum(-1) + self.conv_1d.bias
+            x, a = self.rg_lru.gates(convolved, positions[:d])
+            y, rnn = rglru_decode(x, a, self.read_states(RNN, meta.slots_d, meta.continues_d))
+            out[:d] = y
+            self.write_states(CONV, meta.slots_d, window[..., 1:])
+            self.write_states(RNN, meta.slots_d, rnn)
+        if p:
+            part, layout = slice(d, d + p), meta.layout_p
+            window = self._windows(branch[part], self.read_states(CONV, meta.slots_p, meta.continues_p), layout)
+            x, a = self.rg_lru.gates(self._conv(window, layout), positions[part])
+            y, rnn = rglru_varlen(x, a, self.read_states(RNN, meta.slots_p, meta.continues_p), layout)
+            out[part] = y
+            keep = window.shape[-1] - layout.max_len  # the conv window: W - 1 tokens
+            last = layout.lengths[:, None] + torch.arange(keep, device=window.device)
+            self.write_states(CONV, meta.slots_p, window.gather(-1, last[:, None].expand(-1, window.shape[1], -1)))
+            self.write_states(RNN, meta.slots_p, rnn)
 
-    def _recur(self, branch, positions, conv, rnn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Causal conv over the cached window then the RG-LRU: (output, conv window after, RG-LRU state after)."""
-        window = torch.cat([conv.to(branch.dtype), branch.transpose(1, 2)], dim=-1)  # [rows, width, W-1+T]
+    def _windows(self, branch: torch.Tensor, conv: torch.Tensor, layout: RowLayout) -> torch.Tensor:
+        """Each row's cached conv window then its tokens, right-padded: [rows, width, W - 1 + max_len]."""
+        return torch.cat([conv.to(branch.dtype), layout.pad(branch).transpose(1, 2)], dim=-1)
+
+    def _conv(self, window: torch.Tensor, layout: RowLayout) -> torch.Tensor:
+        """The causal depthwise conv at every token: [N, width]."""
         convolved = F.conv1d(window, self.conv_1d.weight, self.conv_1d.bias, groups=window.shape[1])
-        out, rnn = self.rg_lru(convolved.transpose(1, 2), positions, rnn)
-        return out, window[..., -conv.shape[-1] :], rnn
+        return layout.unpad(convolved.transpose(1, 2))
+
+
+def rglru_op(branch: torch.Tensor, positions: torch.Tensor, out: torch.Tensor, layer_name: str) -> None:
+    layer_of(layer_name).recur(branch, positions, out)
+
+
+rglru = register_layer_op("oprm_recurrent_gemma_rglru", rglru_op)
 
 
 class RecurrentGemmaDecoderLayer(nn.Module):
@@ -195,9 +219,11 @@ class RecurrentGemmaDecoderLayer(nn.Module):
         return self.mlp_block(self.channel_pre_norm(residual)) + residual
 
 
+@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": 0, "inputs_embeds": 0})
 class RecurrentGemmaModel(nn.Module):
-    def __init__(self, config, vllm_config: VllmConfig, prefix: str):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
+        config = vllm_config.model_config.hf_config
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, prefix=f"{prefix}.embed_tokens")
         kinds = config.layers_block_type[: config.num_hidden_layers]
         self.layers = nn.ModuleList(
@@ -207,7 +233,7 @@ class RecurrentGemmaModel(nn.Module):
         # transformers keeps sqrt(hidden_size) as a bfloat16 constant: the same rounding here
         self.normalizer = float(torch.tensor(config.hidden_size**0.5, dtype=torch.bfloat16))
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, inputs_embeds=None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, intermediate_tensors=None, inputs_embeds=None):
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         hidden = hidden * self.normalizer
         for layer in self.layers:
@@ -219,7 +245,7 @@ class RecurrentGemmaForCausalLM(nn.Module, HasInnerState, IsHybrid):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         self.config = vllm_config.model_config.hf_config
-        self.model = RecurrentGemmaModel(self.config, vllm_config, f"{prefix}model")
+        self.model = RecurrentGemmaModel(vllm_config=vllm_config, prefix=f"{prefix}model")
         if self.config.tie_word_embeddings:
             self.lm_head = self.model.embed_tokens
         else:
@@ -238,7 +264,7 @@ class RecurrentGemmaForCausalLM(nn.Module, HasInnerState, IsHybrid):
         return self.model.embed_tokens(input_ids)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, intermediate_tensors=None, inputs_embeds=None, **kwargs):
-        return self.model(input_ids, positions, inputs_embeds)
+        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.logits_processor(self.lm_head, hidden_states)

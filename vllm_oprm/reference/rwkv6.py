@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.wkv6 import wkv6
+from ..ops.wkv6 import wkv6_recurrent_ref
 
 ARCHITECTURE = "Rwkv6ForCausalLM"
 
@@ -36,6 +36,8 @@ class Rwkv6Config:
     bos_token_id: int = 0
     eos_token_id: int = 0
     tie_word_embeddings: bool = False
+    time_mix_extra_dim: int = 32  # LoRA ranks; from_pretrained reads them from the weights
+    time_decay_extra_dim: int = 64
     model_type: str = "rwkv6"
     architectures: list[str] = field(default_factory=lambda: [ARCHITECTURE])
 
@@ -49,13 +51,6 @@ class Rwkv6Config:
     def num_heads(self) -> int:
         return self.attention_hidden_size // self.head_size
 
-    @property
-    def time_mix_extra_dim(self) -> int:
-        return 64 if self.hidden_size == 4096 else 32  # the Finch 7B checkpoints use 64
-
-    @property
-    def time_decay_extra_dim(self) -> int:
-        return 128 if self.hidden_size == 4096 else 64
 
     @classmethod
     def from_dict(cls, values: dict) -> "Rwkv6Config":
@@ -72,11 +67,8 @@ class Rwkv6State:
     ffn_shift: torch.Tensor  # [layers, B, hidden]
 
     @classmethod
-    def zeros(
-        cls, config: Rwkv6Config, batch: int, dtype: torch.dtype, device, num_heads: int | None = None
-    ) -> "Rwkv6State":
-        """Zero state; ``num_heads`` defaults to all heads (a tensor-parallel rank holds fewer)."""
-        layers, hidden, heads = config.num_hidden_layers, config.hidden_size, num_heads or config.num_heads
+    def zeros(cls, config: Rwkv6Config, batch: int, dtype: torch.dtype, device) -> "Rwkv6State":
+        layers, hidden, heads = config.num_hidden_layers, config.hidden_size, config.num_heads
         return cls(
             torch.zeros(layers, batch, hidden, dtype=dtype, device=device),
             torch.zeros(layers, batch, heads, config.head_size, config.head_size, device=device),
@@ -130,7 +122,7 @@ class Rwkv6SelfAttention(nn.Module):
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(batch, seq, self.num_heads, self.head_size).transpose(1, 2)
 
-        out, wkv = wkv6(heads(r), heads(k), heads(v), heads(log_decay), self.time_faaaa, wkv)
+        out, wkv = wkv6_recurrent_ref(heads(r), heads(k), heads(v), heads(log_decay), self.time_faaaa, wkv)
         out = out.transpose(1, 2).reshape(batch * seq, -1)
         out = F.group_norm(out, self.num_heads, self.ln_x.weight.float(), self.ln_x.bias.float(), self.ln_x.eps)
         out = self.output(out.view(batch, seq, -1).to(x.dtype) * g)
@@ -275,15 +267,19 @@ class Rwkv6ForCausalLM(nn.Module):
     def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32, device="cpu") -> "Rwkv6ForCausalLM":
         from safetensors.torch import load_file
 
-        with open(os.path.join(path, "config.json")) as f:
-            config = Rwkv6Config.from_dict(json.load(f))
-        model = cls(config)
         files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
         if files:
             weights = {k: v for file in files for k, v in load_file(file).items()}
         else:
             files = sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
             weights = {k: v for file in files for k, v in torch.load(file, map_location="cpu").items()}
+        with open(os.path.join(path, "config.json")) as f:
+            values = json.load(f)
+        lora = "rwkv.blocks.0.attention.time_maa_w1", "rwkv.blocks.0.attention.time_decay_w1"
+        if all(name in weights for name in lora):  # the LoRA ranks are in the weights, not in Finch configs
+            values["time_mix_extra_dim"] = weights[lora[0]].shape[1] // 5
+            values["time_decay_extra_dim"] = weights[lora[1]].shape[1]
+        model = cls(Rwkv6Config.from_dict(values))
         model.load_checkpoint_weights(weights, source=path)
         model = model.to(device=device, dtype=dtype).eval()
         model.rescale_for_half_precision()
@@ -291,10 +287,7 @@ class Rwkv6ForCausalLM(nn.Module):
 
     @torch.no_grad()
     def load_checkpoint_weights(self, weights: dict[str, torch.Tensor], source: str = "the checkpoint") -> None:
-        """Copy HF-named Finch weights in, whatever shape they are stored in.
-
-        A parameter carrying a ``weight_loader`` (the vLLM class's sharded layers) takes
-        its own part of the full tensor through it."""
+        """Copy HF-named Finch weights in, whatever shape they are stored in."""
         own = dict(self.named_parameters())
         if self.config.tie_word_embeddings and "head.weight" not in weights:
             weights = {**weights, "head.weight": weights["rwkv.embeddings.weight"]}
@@ -302,11 +295,7 @@ class Rwkv6ForCausalLM(nn.Module):
         if missing:
             raise ValueError(f"{source} lacks {len(missing)} weights, e.g. {missing[:3]}")
         for name, param in own.items():
-            loader = getattr(param, "weight_loader", None)
-            if loader is not None:
-                loader(param, weights[name])
-            else:
-                param.copy_(weights[name].reshape(param.shape))  # time_decay is stored [1,1,A] or [H,K]
+            param.copy_(weights[name].reshape(param.shape))  # time_decay is stored [1,1,A] or [H,K]
 
     @torch.no_grad()
     def rescale_for_half_precision(self) -> None:
