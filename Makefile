@@ -5,6 +5,10 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export VLLM_CPU_KVCACHE_SPACE ?= 1
+# vLLM's own CPU CI setting: engines trace the model with torch.compile (dynamo) but run the traced graph
+# without Inductor's code generation, and skip warm-up. tests/test_vllm_models.py turns it off to compile
+# the plugin's classes with Inductor for real.
+TEST_ENV := VLLM_CPU_CI_ENV=1
 
 # The second supported vLLM: no CPU wheel of 0.33 is published, so the test leg uses the CPU build in
 # ../shared when it is there (a user's clone has no ../shared: the leg is skipped, and says so).
@@ -55,9 +59,9 @@ bench: venv
 	$(PY) -m benchmarks.prefix_cache
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(TEST_ENV) $(PY) -m pytest -q --durations=15 tests
 	@if [ -d $(VLLM_0_33_CPU) ]; then $(MAKE) --no-print-directory test-vllm-0.33; \
 	else echo "SKIPPED the vLLM 0.33 leg: $(VLLM_0_33_CPU) (a CPU build of vLLM 0.33) is not here; tested on vLLM 0.32 only"; fi
 
 test-vllm-0.33: $(VENV_0_33)/.installed
-	$(VENV_0_33)/bin/python -m pytest -q $(ENGINE_TESTS) $(ENGINE_DESELECT)
+	$(TEST_ENV) $(VENV_0_33)/bin/python -m pytest -q --durations=15 $(ENGINE_TESTS) $(ENGINE_DESELECT)

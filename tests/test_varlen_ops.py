@@ -86,10 +86,12 @@ def test_wkv6_chunk_rejects_a_chunk_that_sub_chunks_do_not_tile():
         wkv6_chunk_torch(x, x, x, x, torch.zeros(1, 2), torch.zeros(1, 1, 2, 2), chunk_size=24, sub_chunk=16)
 
 
-def random_layout(g, rows, longest, device="cpu"):
-    """Row lengths in [1, longest], one row of a single token."""
+def random_layout(g, rows, longest, device="cpu", equal=False):
+    """Row lengths in [1, longest], one row of a single token; or all ``longest`` (an OPRM step's chunk rows)."""
     lengths = torch.randint(1, longest + 1, (rows,), generator=g)
     lengths[rows // 2] = 1
+    if equal:
+        lengths[:] = longest
     bounds = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
     return RowLayout.build(bounds, device), bounds.tolist()
 
@@ -98,10 +100,10 @@ def row_slices(bounds):
     return [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
-def wkv6_varlen_case(g, device="cpu", rows=5, longest=45, heads=2, key=16, value=8):
+def wkv6_varlen_case(g, device="cpu", rows=5, longest=45, heads=2, key=16, value=8, equal=False):
     """Packed [N, H, D] inputs, per-row initial states (every other row zeros, as a fresh row), and the
     reference run one row at a time."""
-    layout, bounds = random_layout(g, rows, longest, device)
+    layout, bounds = random_layout(g, rows, longest, device, equal)
     r, k, v, log_decay, bonus = wkv6_inputs(g, (), bounds[-1], heads, key, value, 0.0, device)
     packed = [x.transpose(0, 1).contiguous() for x in (r, k, v, log_decay)]  # [N, H, D]
     initial = torch.randn(rows, heads, key, value, generator=g, device=device)
@@ -113,9 +115,11 @@ def wkv6_varlen_case(g, device="cpu", rows=5, longest=45, heads=2, key=16, value
     return (*packed, bonus, initial, layout), ref_out, ref_final
 
 
-def test_wkv6_varlen_equals_reference_row_by_row():
+# equal rows of a whole sub-chunk multiple: no padding, so the padded rows are a strided view
+@pytest.mark.parametrize("rows, longest, equal", [(5, 45, False), (4, 16, True), (3, 64, True)])
+def test_wkv6_varlen_equals_reference_row_by_row(rows, longest, equal):
     g = torch.Generator().manual_seed(6)
-    args, ref_out, ref_final = wkv6_varlen_case(g)
+    args, ref_out, ref_final = wkv6_varlen_case(g, rows=rows, longest=longest, equal=equal)
     out, final = wkv6_varlen(*args)
     assert out.shape == ref_out.shape and final.shape == ref_final.shape
     assert relative_error(out, ref_out) < 1e-4

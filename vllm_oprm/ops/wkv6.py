@@ -116,7 +116,7 @@ def wkv6_chunk_torch(
 
     def blocks(x: torch.Tensor) -> torch.Tensor:  # [B, H, T, D] -> [B, H, chunks, chunk_size, D] fp32, 0-padded
         x = torch.nn.functional.pad(x.float(), (0, 0, 0, chunks * chunk_size - length))
-        return x.view(batch, heads, chunks, chunk_size, -1)
+        return x.contiguous().view(batch, heads, chunks, chunk_size, -1)  # contiguous: the work writes through views
 
     r, k, v, log_decay = (blocks(x) for x in (r, k, v, log_decay))
     out = torch.empty_like(v)
