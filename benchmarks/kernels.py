@@ -2,8 +2,7 @@
 
 RWKV6 WKV (Finch-7B: 64 heads of 64) through flash-linear-attention's kernels, and the RG-LRU
 scan (RecurrentGemma-9B: lru_width 4096) through our fused Triton kernel and fla's HGRN kernels. The
-per-batch entry points (``wkv6``, ``rglru_scan``) for a 2000-token prompt (one OPRM chunk) and 64
-one-token decodes; the varlen ones a vLLM layer calls once per step (``wkv6_varlen``, ``rglru_varlen``)
+varlen entry points a vLLM layer calls once per step (``wkv6_varlen``, ``rglru_varlen``)
 for a step of 16 packed rows of 2000 tokens, and the decodes (``wkv6_decode``, ``rglru_decode``) for 64
 rows. References: the token-by-token torch recurrences, and for the prompts the chunked torch WKV too.
 Needs CUDA, Triton and fla, not vLLM, so it runs on a bare GPU machine. Prints a table and writes
@@ -24,13 +23,12 @@ from benchmarks.entropy_overhead import timed
 from vllm_oprm.ops.rglru import (
     gate_log,
     rglru_decode,
-    rglru_scan,
     rglru_scan_ref,
     rglru_scan_triton,
     rglru_varlen,
 )
 from vllm_oprm.ops.varlen import RowLayout
-from vllm_oprm.ops.wkv6 import wkv6, wkv6_chunk_torch, wkv6_decode, wkv6_recurrent_ref, wkv6_varlen
+from vllm_oprm.ops.wkv6 import wkv6_chunk_torch, wkv6_decode, wkv6_recurrent_ref, wkv6_varlen
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "kernels.json")
 HEADS, HEAD_SIZE, LRU_WIDTH = 64, 64, 4096
@@ -99,19 +97,14 @@ def fla_chunk_hgrn(x, a, h0):
 
 def cases(g: torch.Generator):
     """(kernel, shape, inputs, fast, reference): every fast path against its torch reference."""
-    prompt, rows, decode = wkv6_inputs(1, ROW_LENGTH, g), wkv6_inputs(ROWS, ROW_LENGTH, g), wkv6_inputs(DECODES, 1, g)
+    rows, decode = wkv6_inputs(ROWS, ROW_LENGTH, g), wkv6_inputs(DECODES, 1, g)
     layout = equal_rows(ROWS, ROW_LENGTH)
-    lru_prompt, lru_rows, lru_decode = (rglru_inputs(b, t, g) for b, t in ((1, ROW_LENGTH), (ROWS, ROW_LENGTH),
-                                                                            (DECODES, 1)))
+    lru_rows, lru_decode = rglru_inputs(ROWS, ROW_LENGTH, g), rglru_inputs(DECODES, 1, g)
     step = f"varlen {ROWS} x {ROW_LENGTH}"
     return [
-        ("wkv6", f"prompt 1 x {ROW_LENGTH}", prompt, wkv6, wkv6_recurrent_ref),
-        ("wkv6", f"decode {DECODES} x 1", decode, wkv6, wkv6_recurrent_ref),
         ("wkv6_varlen", step, rows, packed_wkv6(layout), wkv6_recurrent_ref),
         ("wkv6_varlen", f"{step} vs chunk", rows, packed_wkv6(layout), wkv6_chunk_torch),
         ("wkv6_decode", f"decode {DECODES}", decode, one_token(wkv6_decode), wkv6_recurrent_ref),
-        ("rglru", f"prompt 1 x {ROW_LENGTH}", lru_prompt, rglru_scan, rglru_scan_ref),
-        ("rglru", f"decode {DECODES} x 1", lru_decode, rglru_scan, rglru_scan_ref),
         ("rglru_varlen", f"{step} fla", lru_rows, packed_rglru(equal_rows(ROWS, ROW_LENGTH)), rglru_scan_ref),
         ("rglru_triton", f"padded {ROWS} x {ROW_LENGTH}", lru_rows, rglru_scan_triton, rglru_scan_ref),
         ("rglru_fla_chunk", f"padded {ROWS} x {ROW_LENGTH}", lru_rows, fla_chunk_hgrn, rglru_scan_ref),

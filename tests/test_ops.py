@@ -10,10 +10,8 @@ import sys
 import pytest
 import torch
 
-from vllm_oprm.ops.rglru import rglru_scan, rglru_scan_ref
-from vllm_oprm.ops.wkv6 import wkv6, wkv6_recurrent_ref
-
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the fast kernels run on CUDA only")
+from vllm_oprm.ops.rglru import rglru_scan_ref
+from vllm_oprm.ops.wkv6 import wkv6_recurrent_ref
 
 
 def test_wkv6_reference_equals_flash_linear_attention_naive_recurrence():
@@ -85,27 +83,3 @@ def test_gpu_kernels_equal_references_in_triton_interpreter():
     assert set(errors) == {"rglru_y", "rglru_h", "wkv6_out", "wkv6_state"}
     assert max(errors.values()) < 1e-4, errors
 
-
-@needs_cuda
-@pytest.mark.parametrize("length", [1, 300])  # fused recurrent kernel for decodes, chunked for prompts
-def test_wkv6_on_cuda_equals_reference(length):
-    g = torch.Generator(device="cuda").manual_seed(0)
-    B, H, K = 2, 4, 64
-    r, k, v = (torch.randn(B, H, length, K, generator=g, device="cuda") for _ in range(3))
-    log_decay = -torch.exp(torch.randn(B, H, length, K, generator=g, device="cuda") - 2)
-    bonus, state = torch.randn(H, K, generator=g, device="cuda"), torch.randn(B, H, K, K, generator=g, device="cuda")
-    out, final = wkv6(r, k, v, log_decay, bonus, state)
-    ref_out, ref_final = wkv6_recurrent_ref(r, k, v, log_decay, bonus, state)
-    for fast, ref in ((out, ref_out), (final, ref_final)):  # fla's matmuls may run in TF32: relative to the scale
-        assert float((fast - ref).abs().max()) <= 5e-3 * float(ref.abs().max())
-
-
-@needs_cuda
-def test_rglru_scan_on_cuda_equals_reference():
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x, a = torch.randn(3, 500, 2560, generator=g, device="cuda"), torch.rand(3, 500, 2560, generator=g, device="cuda")
-    h0 = torch.randn(3, 2560, generator=g, device="cuda")
-    y, h = rglru_scan(x, a, h0)
-    ref_y, ref_h = rglru_scan_ref(x, a, h0)
-    torch.testing.assert_close(y, ref_y, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(h, ref_h, atol=1e-5, rtol=1e-5)

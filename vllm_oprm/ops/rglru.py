@@ -4,8 +4,8 @@
 chunks (the fast torch path); ``rglru_varlen`` runs all rows of a step's packed tokens at once (fla's varlen
 HGRN kernel on CUDA, the chunked scan on right-padded rows elsewhere) and ``rglru_decode`` one token per row;
 ``rglru_scan_triton`` fuses the whole scan into one Triton kernel, one program
-per (row, block of channels), keeping ``h`` in registers in fp32. ``rglru_scan``
-takes the kernel on CUDA tensors and the reference everywhere else.
+per (row, block of channels), keeping ``h`` in registers in fp32: kept only to be
+measured against fla's HGRN kernels (``benchmarks/kernels.py``), which the layers use.
 """
 
 from __future__ import annotations
@@ -93,13 +93,6 @@ def rglru_scan_triton(x: torch.Tensor, a: torch.Tensor, h0: torch.Tensor, block_
     grid = (batch, triton.cdiv(width, block_d))
     _rglru_scan_kernel[grid](x, a, h0, y, h_out, length, width, BLOCK_D=block_d)
     return y, h_out
-
-
-def rglru_scan(x: torch.Tensor, a: torch.Tensor, h0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused kernel on CUDA, the reference elsewhere."""
-    if x.is_cuda and triton is not None:
-        return rglru_scan_triton(x, a, h0)
-    return rglru_scan_ref(x, a, h0)
 
 
 # log(a) for fla's gates g (h = exp(g) h + x): RecurrentGemma's a is 0 at a reset, whose log is -inf; any

@@ -5,8 +5,7 @@ varlen and decode entry points a vLLM layer calls once per step.
 parallel form fla's ``chunk_rwkv6`` implements on GPU): attention inside each chunk from cumulative log
 decays, and one state hand-off per chunk. ``wkv6_varlen`` runs all rows of a step's packed tokens at once
 (fla's varlen ``chunk_rwkv6`` on CUDA, the chunked torch form on right-padded rows elsewhere);
-``wkv6_decode`` is one recurrent step for rows of one token each. ``wkv6`` is the older per-batch dispatch
-the torch reference model still calls.
+``wkv6_decode`` is one recurrent step for rows of one token each.
 """
 
 from __future__ import annotations
@@ -225,28 +224,3 @@ def wkv6_decode(
     out = torch.einsum("nhk,nhkv->nhv", r, state) + (r * bonus.float() * k).sum(-1, keepdim=True) * v
     return out, log_decay.exp()[..., None] * state + k[..., None] * v[..., None, :]
 
-
-def wkv6(
-    r: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    log_decay: torch.Tensor,
-    bonus: torch.Tensor,
-    state: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``wkv6_recurrent_ref``'s contract, on fla's kernels where the tensors are on CUDA."""
-    if not r.is_cuda:
-        return wkv6_recurrent_ref(r, k, v, log_decay, bonus, state)
-    try:
-        from fla.ops.rwkv6 import chunk_rwkv6, fused_recurrent_rwkv6
-    except ImportError:
-        return wkv6_recurrent_ref(r, k, v, log_decay, bonus, state)
-    kernel = fused_recurrent_rwkv6 if r.shape[2] == 1 else chunk_rwkv6
-    out, final = kernel(
-        *(x.float().transpose(1, 2) for x in (r, k, v, log_decay)),  # fla wants [B, T, H, K]; fp32 as the reference
-        bonus.float(),
-        scale=1.0,
-        initial_state=state.float(),
-        output_final_state=True,
-    )
-    return out.transpose(1, 2).float(), final.float()
