@@ -55,6 +55,7 @@ demo: venv
 bench: venv
 	$(PY) -m benchmarks.ar.evaluate
 	$(PY) -m benchmarks.speed
+	$(PY) -m benchmarks.model_speed
 	$(PY) -m benchmarks.entropy_overhead
 	$(PY) -m benchmarks.prefix_cache
 

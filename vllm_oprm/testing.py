@@ -44,44 +44,45 @@ def build_tokenizer(path: str, num_words: int = 251):
     return fast
 
 
-def tiny_config(family: str, vocab_size: int):
-    """The tiny transformers config of ``family`` used by tests, the demo and the AR benchmark."""
+def tiny_config(family: str, vocab_size: int, **sizes):
+    """The tiny transformers config of ``family`` used by tests, the demo and the AR benchmark; ``sizes``
+    override its fields (benchmarks build larger ones)."""
     import transformers as tf
 
     ids = dict(vocab_size=vocab_size, tie_word_embeddings=False, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
-    if family == "mamba":
-        return tf.MambaConfig(hidden_size=64, state_size=8, num_hidden_layers=2, expand=2, conv_kernel=4, **ids)
-    if family == "falcon_mamba":
-        return tf.FalconMambaConfig(hidden_size=64, state_size=8, num_hidden_layers=2, expand=2, conv_kernel=4, **ids)
-    if family == "mamba2":
-        return tf.Mamba2Config(
+    mamba = dict(hidden_size=64, state_size=8, num_hidden_layers=2, expand=2, conv_kernel=4)
+    tiny = {
+        "mamba": (tf.MambaConfig, mamba),
+        "falcon_mamba": (tf.FalconMambaConfig, mamba),
+        "mamba2": (tf.Mamba2Config, dict(
             hidden_size=64, num_heads=8, head_dim=16, state_size=16, n_groups=1, expand=2,
-            num_hidden_layers=2, conv_kernel=4, chunk_size=64, **ids,
-        )
-    if family == "recurrent_gemma":
-        return tf.RecurrentGemmaConfig(
+            num_hidden_layers=2, conv_kernel=4, chunk_size=64,
+        )),
+        "recurrent_gemma": (tf.RecurrentGemmaConfig, dict(
             hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=1, head_dim=32, lru_width=64, attention_window_size=16, conv1d_width=4,
-            block_types=["recurrent", "recurrent", "attention"], logits_soft_cap=30.0, **ids,
-        )
-    raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+            block_types=["recurrent", "recurrent", "attention"], logits_soft_cap=30.0,
+        )),
+    }
+    if family not in tiny:
+        raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+    config_class, fields = tiny[family]
+    return config_class(**fields | ids | sizes)
 
 
-def build_model(family: str, path: str, vocab_size: int, seed: int = 0):
-    """A tiny random model of ``family``, saved (float32) to ``path`` and returned."""
+def build_model(family: str, path: str, vocab_size: int, seed: int = 0, **sizes):
+    """A tiny random model of ``family`` (``sizes`` override config fields), saved (float32) to ``path``."""
     torch.manual_seed(seed)
     if family == "rwkv6":
         from .reference.rwkv6 import Rwkv6Config, Rwkv6ForCausalLM
 
-        config = Rwkv6Config(
-            vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, head_size=16,
-            intermediate_size=128, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
-        )
+        tiny = dict(hidden_size=64, num_hidden_layers=2, head_size=16, intermediate_size=128)
+        config = Rwkv6Config(vocab_size=vocab_size, bos_token_id=BOS_ID, eos_token_id=EOS_ID, **tiny | sizes)
         model = Rwkv6ForCausalLM(config).eval()
     else:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_config(tiny_config(family, vocab_size)).eval()
+        model = AutoModelForCausalLM.from_config(tiny_config(family, vocab_size, **sizes)).eval()
         with torch.no_grad():  # spread random weights out so tokens and entropies vary
             for module in model.modules():
                 if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
@@ -93,11 +94,11 @@ def build_model(family: str, path: str, vocab_size: int, seed: int = 0):
     return model
 
 
-def build_model_dir(family: str, path: str, seed: int = 0):
+def build_model_dir(family: str, path: str, seed: int = 0, **sizes):
     """Tokenizer and model of ``family`` in one directory, ready for vLLM or transformers."""
     os.makedirs(path, exist_ok=True)
     tokenizer = build_tokenizer(path)
-    model = build_model(family, path, vocab_size=len(tokenizer), seed=seed)
+    model = build_model(family, path, vocab_size=len(tokenizer), seed=seed, **sizes)
     return model, tokenizer
 
 
