@@ -215,6 +215,19 @@ def test_selector_minimum_idk_filter_fallback_and_ties():
         assert tie.result().selected_chunk == 0
 
 
+@pytest.mark.parametrize("order", [[0, 1, 2, 3], [3, 2, 1, 0], [1, 3, 0, 2]])
+def test_selector_non_finite_entropy_never_wins_over_a_finite_one(order):
+    entropies = [float("nan"), 0.7, float("inf"), 0.4]
+    sel = ChunkSelector(4)
+    for chunk in order:
+        sel.add(chunk, entropies[chunk], 3)
+    assert sel.result().selected_chunk == 3
+    none_finite = ChunkSelector(3)
+    for chunk in reversed(range(3)):
+        none_finite.add(chunk, [float("inf"), float("nan"), float("-inf")][chunk], 3)
+    assert none_finite.result().selected_chunk == 0  # all rank as +inf: the tie rule
+
+
 def test_selector_keeps_one_live_state_and_rejects_misuse():
     sel = ChunkSelector(3, idk_token_ids=[7])
     sel.add(0, 0.1, 7)

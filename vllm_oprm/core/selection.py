@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -44,8 +45,10 @@ class ChunkSelector:
 
     A chunk beats the best so far when its entropy is strictly lower, or equal
     with a lower chunk index, so the result is the paper's strict ``<`` over
-    chunks in order whatever order batches finish in. Chunks whose argmax first
-    token is an IDK token are dropped; if every chunk is dropped, all count.
+    chunks in order whatever order batches finish in. A non-finite entropy (NaN
+    or inf logits) ranks as +inf: it never beats a finite one, and among
+    non-finite ones the lowest index wins. Chunks whose argmax first token is an
+    IDK token are dropped; if every chunk is dropped, all count.
     """
 
     num_chunks: int
@@ -62,7 +65,7 @@ class ChunkSelector:
             raise ValueError(f"chunk {chunk} is out of range or was already added")
         entropy = float(entropy)
         self._entropies[chunk] = entropy
-        key = (entropy, chunk)
+        key = (entropy if math.isfinite(entropy) else math.inf, chunk)  # NaN compares false both ways
         if self._best_any is None or key < self._best_any:
             self._best_any = key
         if first_token_argmax not in self.idk_token_ids:
