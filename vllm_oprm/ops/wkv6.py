@@ -165,7 +165,7 @@ def _wkv6_varlen_fla(r, k, v, log_decay, bonus, initial, layout: RowLayout):
         initial_state=initial.float(),
         output_final_state=True,
         cu_seqlens=layout.cu_seqlens,
-        cu_seqlens_cpu=getattr(layout, "cu_seqlens_cpu", None),  # spares fla reading cu_seqlens back, if given
+        cu_seqlens_cpu=layout.cu_seqlens_cpu,  # fla plans its chunks from it: no read-back of cu_seqlens
     )
     return out[0].float(), final.float()
 
@@ -195,9 +195,8 @@ def wkv6_varlen(
     initial: [rows, H, K, V] (zeros for a row that starts fresh). Returns (out [N, H, V] float32,
     final [rows, H, K, V] float32).
 
-    CUDA with fla: its varlen ``chunk_rwkv6`` over ``layout.cu_seqlens`` (fla derives its chunk indices from
-    the row boundaries, on the host from ``layout.cu_seqlens_cpu`` when the layout has one, else by reading
-    ``cu_seqlens`` back). Elsewhere: rows right-padded to ``layout.max_len`` (k = 0 and log_decay = 0 past a
+    CUDA with fla: its varlen ``chunk_rwkv6`` over ``layout.cu_seqlens`` (fla plans its chunks from the host
+    copy ``layout.cu_seqlens_cpu``, so nothing is read back). Elsewhere: rows right-padded to ``layout.max_len`` (k = 0 and log_decay = 0 past a
     row's end keep its state), ``wkv6_chunk_torch``, and the padding dropped.
     """
     if r.is_cuda and _fla_rwkv6() is not None:
