@@ -114,8 +114,8 @@ def test_tensor_parallel_2_shards_the_model_and_equals_the_reference(family, tmp
     model, tokenizer = build_model_dir(family, str(tmp_path), seed=3)
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per rank: the CPU worker cannot pick two here
     monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model pickles a function to the workers
-    llm = LLM(model=str(tmp_path), dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=8,
-              max_num_batched_tokens=64, tensor_parallel_size=2)
+    llm = LLM(model=str(tmp_path), dtype="float32", max_model_len=512, max_num_seqs=8, max_num_batched_tokens=64,
+              tensor_parallel_size=2)  # compiled (traced only where CI sets VLLM_CPU_CI_ENV=1)
     try:
         c = model.config
         half_vocab = -(-c.vocab_size // 64) * 64 // 2  # vLLM pads the vocabulary to 64 before splitting it

@@ -29,7 +29,7 @@ from vllm.v1.attention.backends.utils import mamba_get_block_table_tensor, split
 
 from ..ops.varlen import RowLayout
 
-# vLLM's block pool never hands out block 0 (its null block), so a padded row (slot -1) may use state slot 0
+# vLLM's block pool never hands out block 0 (its null block), so padding rows may use state slot 0
 NULL_SLOT = 0
 
 
@@ -66,7 +66,9 @@ class RecurrentStateMetadataBuilder(AttentionMetadataBuilder[RecurrentStateMetad
         rows = m.num_reqs
         slots = mamba_get_block_table_tensor(
             m.block_table_tensor, m.seq_lens, self.kv_cache_spec, self.vllm_config.cache_config.mamba_cache_mode
-        )[:rows, 0].clamp(min=NULL_SLOT)
+        )[:rows, 0]
+        # a CUDA-graph batch's padding rows (seq_len 0) may hold stale block ids: send them to the null slot too
+        slots = torch.where((slots < 0) | (m.seq_lens[:rows] == 0), NULL_SLOT, slots)
         query_lens = m.query_start_loc[1 : rows + 1] - m.query_start_loc[:rows]
         continues = m.seq_lens[:rows] > query_lens
         num_decodes, num_prefills, num_decode_tokens, _ = split_decodes_and_prefills(m, decode_threshold=1)
