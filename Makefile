@@ -51,13 +51,14 @@ $(VENV_0_33)/.installed: setup.py $(VLLM_0_33_CPU)/requirements.txt
 demo: venv
 	$(PY) -m benchmarks.ar.demo
 
-# Regenerates every table and plot in benchmarks/results/ (about 13 minutes on 2 cores).
+# Regenerates every table and plot in benchmarks/results/ (about 25 minutes on 2 cores: model_speed about 10 of them).
 bench: venv
 	$(PY) -m benchmarks.ar.evaluate
 	$(PY) -m benchmarks.speed
 	$(PY) -m benchmarks.model_speed
 	$(PY) -m benchmarks.entropy_overhead
 	$(PY) -m benchmarks.prefix_cache
+	$(PY) -m benchmarks.fanout_costs
 
 test: venv
 	$(TEST_ENV) $(PY) -m pytest -q --durations=15 tests

@@ -196,6 +196,15 @@ def test_entropy_is_full_vocabulary_natural_log_float32():
     assert h[2].item() == pytest.approx(float(-(p * p.log()).sum()), abs=1e-6)
 
 
+def test_entropy_of_nan_or_inf_logits_is_nan_not_zero():
+    """A NaN logit once gave 0 nats (NaN probabilities were masked out as zeros): the lowest
+    entropy, so a broken chunk won."""
+    logits = torch.tensor([[float("nan"), 0.0, 1.0], [float("inf"), 0.0, 1.0], [0.0, -200.0, -float("inf")]])
+    h = first_token_entropy(logits)
+    assert h[0].isnan() and h[1].isnan()
+    assert h[2].item() == pytest.approx(0.0, abs=1e-6)  # underflow and -inf still add nothing
+
+
 def test_selector_minimum_idk_filter_fallback_and_ties():
     sel = ChunkSelector(3, idk_token_ids=[7])
     for chunk, h, top in [(0, 0.5, 1), (1, 0.1, 7), (2, 0.3, 2)]:

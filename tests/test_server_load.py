@@ -2,8 +2,10 @@
 away during chunk prefill or decode, a request with more chunks than the engine has slots."""
 
 import asyncio
+import json
 import threading
 import time
+import urllib.request
 
 import pytest
 import torch
@@ -23,7 +25,8 @@ def server(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("mamba2"))
     build_model_dir("mamba2", path, seed=2)
     args = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "4096", "--max-num-seqs", str(MAX_NUM_SEQS)]
-    with oprm_server(path, *args, "--oprm-chunk-size", "16") as running:
+    # vLLM's dev mode serves POST /collective_rpc, through which the tests read the workers' record tables.
+    with oprm_server(path, *args, "--oprm-chunk-size", "16", env={"VLLM_SERVER_DEV_MODE": "1"}) as running:
         yield running.url, path
         assert metric(running.url, "vllm:num_requests_running") == 0
         assert metric(running.url, "vllm:num_requests_waiting") == 0
@@ -136,3 +139,67 @@ def test_more_chunks_than_engine_slots_waits_and_completes(server):
     assert one_batch.oprm["num_chunks"] == 3 * MAX_NUM_SEQS
     assert tokens(one_batch) == tokens(one_row_batches)
     assert wait_until_idle(url, 5.0) is not None
+
+
+def records_in_workers(url):
+    request = urllib.request.Request(
+        url + "/collective_rpc", data=json.dumps({"method": "oprm_num_records"}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        return [int(count) for count in json.load(reply)["results"]]
+
+
+def test_200_mixed_requests_with_errors_and_disconnects_leave_no_records(server):
+    """OPRM in every mode (streamed or not), plain, refused, and clients that leave during prefill or decode."""
+    url, path = server
+    short, long = requests(7, 100, 60), requests(8, 20, 40 * 16)
+
+    async def one(client, number):
+        prefix, context, suffix = short[number % 100]
+        kind = number % 10
+        if kind < 6:  # OPRM, select / summarize / last, every other one streamed
+            mode = ["select", "select", "summarize", "last", "select", "summarize"][kind]
+            request = body(path, prefix, context, suffix, oprm={"mode": mode, "max_batch_tokens": 40 + 20 * kind})
+        elif kind == 6:
+            request = body(path, prefix, context, suffix)
+        elif kind == 7:  # refused: the reserved capture key
+            request = body(path, prefix, context, suffix, oprm={})
+            request["extra_body"]["vllm_xargs"] = {"oprm_capture": f"mine-{number}"}
+        if kind <= 7:
+            if kind % 2:
+                async for _ in await client.completions.create(**request, stream=True):
+                    pass
+            else:
+                await client.completions.create(**request)
+        elif kind == 8:  # gone during chunk prefill: 40 chunks
+            await client.with_options(timeout=0.3).completions.create(
+                **body(path, *long[number // 10], oprm={"max_batch_tokens": 40})
+            )
+        else:  # gone while the winner decodes
+            stream = await client.completions.create(**body(path, prefix, context, suffix, oprm={}, max_tokens=500), stream=True)
+            async for index, _ in aiter_enumerate(stream):
+                if index == 2:
+                    break
+            await stream.close()
+
+    async def all_at_once():
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+        try:
+            return await asyncio.gather(*(one(client, number) for number in range(200)), return_exceptions=True)
+        finally:
+            await client.close()
+
+    outcomes = asyncio.run(all_at_once())
+    errors = {number % 10: type(outcome).__name__ for number, outcome in enumerate(outcomes) if outcome is not None}
+    assert set(errors) <= {7, 8}, errors
+    assert errors[7] == "BadRequestError"
+    assert wait_until_idle(url, 10.0) is not None
+    assert records_in_workers(url) == [0]
+
+
+async def aiter_enumerate(stream):
+    number = 0
+    async for item in stream:
+        yield number, item
+        number += 1

@@ -1,5 +1,7 @@
 """OPRM through a real vLLM V1 engine (CPU build), checked against the reference backend."""
 
+import math
+
 import pytest
 import torch
 
@@ -10,6 +12,8 @@ from vllm import SamplingParams  # noqa: E402
 from vllm_oprm import OPRMConfig, OPRMPrompt  # noqa: E402
 from vllm_oprm.reference import OPRMGenerator  # noqa: E402
 from vllm_oprm.testing import build_model_dir, same_words, words  # noqa: E402
+
+from poisoned_logits import POISON_ID, PoisonFirstTokens  # noqa: E402
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 
@@ -28,7 +32,7 @@ def llm(mamba2):
 
     engine = OPRMLLM(
         model=mamba2[0], dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=16,
-        disable_log_stats=False,
+        disable_log_stats=False, logits_processors=[PoisonFirstTokens],
     )
     yield engine
     engine.llm.llm_engine.engine_core.shutdown()  # free the CPU before the next family's engine
@@ -94,6 +98,71 @@ def test_single_chunk_equals_vanilla_vllm_and_mixed_batches_come_back_right(llm,
         assert oprm_out.outputs[0].token_ids == alone.outputs[0].token_ids
     assert mixed[1].outputs[0].token_ids == one_by_one[0].outputs[0].token_ids
     assert mixed[5].outputs[0].token_ids == one_by_one[1].outputs[0].token_ids
+
+
+def test_a_chunk_with_nan_logits_never_wins(llm, mamba2):
+    """Chunk 0's first-token logits are NaN in the engine (``PoisonFirstTokens``), and it is scored
+    first: the choice is the reference's among the other chunks, decoded as plain vLLM decodes it."""
+    plain = prompts(seed=16, count=1)[0].tokenize(llm.tokenizer)
+    context = [POISON_ID] + plain.context_ids[1:]
+    prompt = OPRMPrompt(plain.prefix_ids, context, plain.suffix_ids)
+    config = OPRMConfig(chunk_size=16, max_batch_tokens=100_000)
+    out = llm.generate([prompt], GREEDY, oprm=config, use_tqdm=False)[0]
+    ref = mamba2[1].generate(prompt, config, max_new_tokens=10, eos_token_id=-1)
+    others = ref.entropies[1:]
+    assert math.isnan(out.oprm.entropies[0]) and out.oprm.entropies[1:] == pytest.approx(others, abs=1e-4)
+    assert out.oprm.selected_chunk == 1 + others.index(min(others))
+    row = plain.prefix_ids + context[16 * out.oprm.selected_chunk :][:16] + plain.suffix_ids
+    alone = llm.generate([{"prompt_token_ids": row}], GREEDY, use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == alone.outputs[0].token_ids
+
+
+def test_an_error_in_the_loop_aborts_every_request_and_drops_its_records(llm, monkeypatch):
+    """The loop fails right after the step that made the first tokens, before they are scored."""
+    step = llm.engine.step
+
+    def step_then_fail():
+        outputs = step()
+        if any(out.outputs[0].token_ids for out in outputs):
+            raise RuntimeError("interrupted")
+        return outputs
+
+    monkeypatch.setattr(llm.engine, "step", step_then_fail)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        llm.generate([*prompts(seed=17, count=3), "w1 w2"], GREEDY, oprm=OPRMConfig(chunk_size=16), use_tqdm=False)
+    monkeypatch.undo()
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.llm.collective_rpc("oprm_num_records") == [0]
+    assert llm.generate(prompts(seed=17, count=1), GREEDY, oprm=OPRMConfig(chunk_size=16), use_tqdm=False)[0].finished
+
+
+def test_200_mixed_requests_with_errors_leave_no_records(llm, monkeypatch):
+    """Finished, aborted (an interrupted loop) and refused requests, OPRM in every mode and plain."""
+    configs = [OPRMConfig(chunk_size=16, mode=mode, max_batch_tokens=budget)
+               for mode, budget in [("select", 26), ("select", 100_000), ("summarize", 60), ("last", 60)]]
+    batch = prompts(seed=18, count=50, context_words=40)
+    for config in configs[:2]:  # 100 that finish, plain ones among them
+        llm.generate([*batch[:40], *[f"w{i} w{i + 1}" for i in range(10)]], GREEDY, oprm=config, use_tqdm=False)
+    for config in configs[2:]:  # 40 that finish
+        llm.generate(batch[:20], GREEDY, oprm=config, use_tqdm=False)
+    step, steps = llm.engine.step, []
+
+    def step_then_fail():
+        steps.append(1)
+        if len(steps) == 3:
+            raise KeyboardInterrupt
+        return step()
+
+    monkeypatch.setattr(llm.engine, "step", step_then_fail)
+    with pytest.raises(KeyboardInterrupt):  # 50 in the engine when the loop is interrupted
+        llm.generate(batch, GREEDY, oprm=configs[0], use_tqdm=False)
+    monkeypatch.undo()
+    refused = [*batch[:9], OPRMPrompt("w1", "", "w2")]  # 10 refused before any reaches the engine
+    with pytest.raises(ValueError, match="context is empty"):
+        llm.generate(refused, GREEDY, oprm=configs[0], use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.llm.collective_rpc("oprm_num_records") == [0]
+    assert llm.generate(["w1 w2"], SamplingParams(max_tokens=1), use_tqdm=False)[0].finished  # still serving
 
 
 def running_requests(llm) -> float:

@@ -11,7 +11,7 @@ from .prompt import Context, Tokenizer
 
 FIELDS = ("context", "chunk_size", "mode", "idk", "max_batch_tokens", "prefix_cache")
 # Server-wide settings; `vllm-oprm serve --oprm-chunk-size N` etc. set these. All but
-# max_chunks are defaults a request's `oprm` fields override.
+# max_chunks and max_inflight_rows are defaults a request's `oprm` fields override.
 ENV_DEFAULTS = {
     "chunk_size": "OPRM_CHUNK_SIZE",
     "max_batch_tokens": "OPRM_MAX_BATCH_TOKENS",
@@ -19,8 +19,9 @@ ENV_DEFAULTS = {
     "idk": "OPRM_IDK",  # a one-token text, or a JSON list of token ids
     "max_chunks": "OPRM_MAX_CHUNKS",  # the most chunk requests one request may become
     "prefix_cache": "OPRM_PREFIX_CACHE",  # true/false: block-aligned rows for vLLM's prefix cache
+    "max_inflight_rows": "OPRM_MAX_INFLIGHT_ROWS",  # the most chunk rows in prefill at once, server-wide
 }
-INTEGER_SETTINGS = ("chunk_size", "max_batch_tokens", "max_chunks")
+INTEGER_SETTINGS = ("chunk_size", "max_batch_tokens", "max_chunks", "max_inflight_rows")
 BOOLEAN_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 MAX_CHUNKS = 256  # with the paper's L=2000: contexts up to 512k tokens
 

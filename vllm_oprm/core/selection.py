@@ -12,11 +12,11 @@ import torch
 def first_token_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Shannon entropy in nats (float32) of the full-vocabulary softmax, per row.
 
-    Tokens with zero probability (``-inf`` logits) add nothing, as in the limit.
+    Tokens with zero probability (``-inf`` logits) add nothing, as in the limit;
+    a row with a NaN (or ``+inf``) logit has a NaN entropy, which selection ranks last.
     """
     logp = torch.log_softmax(logits.float(), dim=-1)
-    p = logp.exp()
-    return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(dim=-1)
+    return -torch.where(logp.isneginf(), 0.0, logp.exp() * logp).sum(dim=-1)
 
 
 @dataclass(frozen=True)

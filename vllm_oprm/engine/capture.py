@@ -128,3 +128,7 @@ class OPRMWorkerExtension:
     def oprm_take_first_tokens(self, keys: list[str]) -> dict[str, tuple[float, int]]:
         """Pop and return the records of ``keys`` that exist."""
         return {key: _records.pop(key) for key in keys if key in _records}
+
+    def oprm_num_records(self) -> int:
+        """How many first-token records wait to be taken (none once every request has ended)."""
+        return len(_records)

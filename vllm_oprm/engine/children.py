@@ -4,6 +4,7 @@ parent's output assembled from them. Shared by the offline API and the server.""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 from vllm import SamplingParams
 from vllm.outputs import CompletionOutput, RequestOutput
@@ -37,46 +38,98 @@ def child_params(params: SamplingParams, fanout: FanOut, chunk: int, max_model_l
     return child
 
 
-def parent_output(fanout: FanOut) -> RequestOutput:
-    """The parent's cumulative output so far, under the parent's id, with ``.oprm``.
+class ParentStream:
+    """The parent's outputs, under the parent's id with ``.oprm``, in the caller's ``output_kind``.
 
-    ``select``/``last``: the winner's output. ``summarize``: the chunk answers in
-    chunk order, joined by the separator; a chunk shows only once every chunk
-    before it has finished, so the text only ever grows and can be streamed.
+    Call it after every child output once the selection is known (earlier
+    outputs are caught up on the first call). ``select``/``last``: the winner's
+    output. ``summarize``: the chunk answers in chunk order, joined by the
+    separator; a chunk shows only once every chunk before it has finished, so
+    the text only ever grows and can be streamed. Each call costs what is new
+    since the last one, however many chunks and tokens came before: the
+    summary is appended to in place, and deltas are cut from where the last
+    call stopped.
     """
-    selection = fanout.selection()
-    if not fanout.summarize:
-        source = fanout.latest[selection.selected_chunk]
-        completion = copy.copy(source.outputs[0])
-        prompt_token_ids = source.prompt_token_ids
-    else:
-        shown: list[RequestOutput] = []
-        for chunk in range(len(fanout.rows)):
-            if chunk not in fanout.latest:
-                break
-            shown.append(fanout.latest[chunk])
-            if chunk not in fanout.finished:
-                break
-        source = shown[-1]
-        parts = [out.outputs[0] for out in shown]
-        logprobs = None
-        if all(part.logprobs is not None for part in parts):
-            logprobs = [entry for part in parts for entry in part.logprobs]
-        complete = fanout.done()
-        completion = CompletionOutput(
-            index=0,
-            text=fanout.config.summary_separator.join(part.text for part in parts),
-            token_ids=[t for part in parts for t in part.token_ids],
-            cumulative_logprob=None,
-            logprobs=logprobs,
-            finish_reason=parts[-1].finish_reason if complete else None,
-            stop_reason=parts[-1].stop_reason if complete else None,
+
+    def __init__(self, fanout: FanOut, kind: RequestOutputKind):
+        self.fanout, self.kind = fanout, kind
+        self.sent_tokens = self.sent_chars = 0  # of the streamed completion (the winner's, or the summary's chunk)
+        # summarize: the chunk being streamed, whether its separator is out, and the summary so far
+        self.chunk, self.chunk_shown, self.last_finish = 0, False, (None, None)
+        self.summary = CompletionOutput(index=0, text="", token_ids=[], cumulative_logprob=None, logprobs=None)
+
+    def __call__(self) -> RequestOutput | None:
+        fanout = self.fanout
+        if fanout.summarize:
+            source, completion, prompt_ids = self._summary_delta()
+        else:
+            source = fanout.latest[fanout.selection().selected_chunk]
+            completion, prompt_ids = self._winner_delta(source.outputs[0]), source.prompt_token_ids
+        finished = fanout.done()
+        # Text can come without tokens: a cumulative output's token list is vLLM's live one, so it may
+        # already hold the tokens whose text only the next output carries.
+        if not completion.token_ids and not completion.text and not finished:
+            return None
+        if self.kind == RequestOutputKind.FINAL_ONLY and not finished:
+            return None
+        if self.kind != RequestOutputKind.DELTA:  # a shallow copy, sharing the token list as vLLM's do
+            completion = copy.copy(self.summary if fanout.summarize else source.outputs[0])
+        out = copy.copy(source)
+        out.request_id = fanout.parent_id
+        out.prompt_token_ids = prompt_ids
+        out.outputs = [completion]
+        out.finished = finished
+        out.oprm = fanout.selection()
+        return out
+
+    def _winner_delta(self, winner: CompletionOutput) -> CompletionOutput:
+        delta = dataclasses.replace(
+            winner,
+            text=winner.text[self.sent_chars :],
+            token_ids=winner.token_ids[self.sent_tokens :],
+            logprobs=None if winner.logprobs is None else winner.logprobs[self.sent_tokens :],
         )
-        prompt_token_ids = [t for row in fanout.rows for t in row]
-    out = copy.copy(source)
-    out.request_id = fanout.parent_id
-    out.prompt_token_ids = prompt_token_ids
-    out.outputs = [completion]
-    out.finished = fanout.done()
-    out.oprm = selection
-    return out
+        self.sent_tokens, self.sent_chars = len(winner.token_ids), len(winner.text)
+        return delta
+
+    def _summary_delta(self) -> tuple[RequestOutput, CompletionOutput, list[int]]:
+        """What the summary gained since the last call; ``self.summary`` is extended by it.
+
+        Once every chunk is scored each one has an output in ``fanout.latest``."""
+        fanout, summary, last = self.fanout, self.summary, len(self.fanout.rows) - 1
+        text, token_ids, logprobs = [], [], []
+        while self.chunk <= last:
+            part = fanout.latest[self.chunk].outputs[0]
+            if not self.chunk_shown:
+                self.chunk_shown = True
+                if self.chunk > 0:
+                    text.append(fanout.config.summary_separator)
+            text.append(part.text[self.sent_chars :])
+            token_ids.extend(part.token_ids[self.sent_tokens :])
+            if part.logprobs is not None:
+                logprobs.extend(part.logprobs[self.sent_tokens :])
+            self.sent_tokens, self.sent_chars = len(part.token_ids), len(part.text)
+            if self.chunk not in fanout.finished:
+                break
+            self.last_finish = part.finish_reason, part.stop_reason
+            self.chunk, self.chunk_shown, self.sent_tokens, self.sent_chars = self.chunk + 1, False, 0, 0
+        source = fanout.latest[min(self.chunk, last)]
+        finish_reason, stop_reason = self.last_finish if fanout.done() else (None, None)
+        with_logprobs = source.outputs[0].logprobs is not None
+        delta = CompletionOutput(
+            index=0,
+            text="".join(text),
+            token_ids=token_ids,
+            cumulative_logprob=None,
+            logprobs=logprobs if with_logprobs else None,
+            finish_reason=finish_reason,
+            stop_reason=stop_reason,
+        )
+        summary.text += delta.text
+        summary.token_ids.extend(token_ids)
+        if with_logprobs:
+            if summary.logprobs is None:
+                summary.logprobs = []
+            summary.logprobs.extend(logprobs)
+        summary.finish_reason, summary.stop_reason = finish_reason, stop_reason
+        return source, delta, fanout.joined_prompt_ids

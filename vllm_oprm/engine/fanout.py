@@ -2,14 +2,18 @@
 
 Engine-agnostic bookkeeping shared by the offline API and the server; the
 caller owns the engine calls. Batches go out one at a time so at most
-``max_batch_tokens`` of this request's chunk prefill is in flight; as soon as a
-batch's first tokens and their entropies are known, every chunk but the
-running winner is aborted (select), or all keep decoding (summarize).
+``max_batch_tokens`` of this request's chunk prefill is in flight; the next
+batch goes out once every chunk of the current one is scored. A chunk is scored
+as soon as its first token is out, and in select mode every scored chunk but
+the running winner is aborted at once: a scored loser can never win again
+(``ChunkSelector``'s order is total and fixed), so no loser decodes while its
+siblings still prefill. In summarize mode every chunk keeps decoding.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -36,12 +40,13 @@ class FanOut:
         self.selector = ChunkSelector(layout.num_chunks, config.idk_token_ids)
         self.next_batch = 0
         self.in_engine: set[int] = set()  # submitted, not finished or aborted
-        self.first_token: set[int] = set()
+        self.unscored: set[int] = set()  # first token out, (entropy, argmax) not read yet
         self.scored: set[int] = set()
         self.latest: dict[int, Any] = {}  # chunk -> its latest engine output
         self.finished: set[int] = set()
         self.cached_tokens: dict[int, int] = {}  # chunk -> prompt tokens vLLM took from its prefix cache
         self._tag = f"{parent_id}#oprm{next(_serial)}"
+        self._selection: Selection | None = None
 
     # -- ids -------------------------------------------------------------------
 
@@ -84,30 +89,20 @@ class FanOut:
             self.in_engine.discard(WARMUP)
             return self._submit_next_batch()
         self.latest[chunk] = output
-        if len(output.outputs[0].token_ids) > 0:
-            self.first_token.add(chunk)
+        if chunk not in self.scored and len(output.outputs[0].token_ids) > 0:
+            self.unscored.add(chunk)
         if output.finished:
             self.finished.add(chunk)
             self.in_engine.discard(chunk)
         return Actions()
 
-    def awaiting_scores(self) -> list[int]:
-        """Chunks of the current batch whose first token is out but not yet scored,
-        once the whole batch has its first tokens (then all are scored together)."""
-        if self.next_batch == 0:
-            return []  # the warm-up is still running
-        batch = self.batches[self.next_batch - 1]
-        if all(c in self.first_token for c in batch):
-            return [c for c in batch if c not in self.scored]
-        return []
-
     def score_keys(self) -> list[str]:
-        """Capture keys of the chunks to score now (empty until a batch is complete)."""
-        return [self.child_id(c) for c in self.awaiting_scores()]
+        """Capture keys of the chunks whose first token is out and not yet scored."""
+        return [self.child_id(c) for c in sorted(self.unscored)]
 
     def on_records(self, records: Mapping[str, Sequence]) -> Actions:
-        """Score the awaiting chunks from the worker's ``key -> (entropy, argmax)`` records."""
-        keys = {chunk: self.child_id(chunk) for chunk in self.awaiting_scores()}
+        """Score the unscored chunks from the worker's ``key -> (entropy, argmax)`` records."""
+        keys = {chunk: self.child_id(chunk) for chunk in sorted(self.unscored)}
         missing = [key for key in keys.values() if key not in records]
         if missing:
             raise RuntimeError(
@@ -117,18 +112,20 @@ class FanOut:
         return self.on_scores({chunk: tuple(records[key]) for chunk, key in keys.items()})
 
     def on_scores(self, scores: dict[int, tuple[float, int]]) -> Actions:
-        """(entropy, argmax) for every chunk of the current batch."""
+        """(entropy, argmax) of chunks whose first token is out, in any order and grouping."""
         for chunk, (entropy, argmax) in sorted(scores.items()):
             self.selector.add(chunk, entropy, argmax)
             self.scored.add(chunk)
+            self.unscored.discard(chunk)
         actions = Actions()
         if not self.summarize:
-            losers = sorted(c for c in self.in_engine if c != self.selector.winner)
-            self.in_engine.difference_update(losers)
-            actions.abort = losers
-            for chunk in self.scored - {self.selector.winner}:
-                self.latest.pop(chunk, None)
-        if self.next_batch < len(self.batches):
+            winner = self.selector.winner
+            actions.abort = sorted(c for c in self.in_engine & self.scored if c != winner)
+            self.in_engine.difference_update(actions.abort)
+            for chunk in (self.latest.keys() & self.scored) - {winner}:
+                del self.latest[chunk]
+        current = self.batches[self.next_batch - 1]
+        if self.next_batch < len(self.batches) and self.scored.issuperset(current):
             actions.add = self._submit_next_batch().add
         return actions
 
@@ -148,14 +145,23 @@ class FanOut:
         return self.selector.winner in self.finished
 
     def selection(self) -> Selection:
-        result = self.selector.result()
-        submitted = self._submitted() + ([WARMUP] if self.warmup is not None else [])
-        return dataclasses.replace(
-            result,
-            selected_chunk=None if self.summarize else result.selected_chunk,
-            prefill_tokens=sum(len(self.prompt_ids(c)) for c in submitted),
-            cached_tokens=sum(self.cached_tokens.get(c, 0) for c in submitted),
-        )
+        """The choice and the prefill cost; computed once, when the last chunk is scored
+        (every submitted chunk has reported its cached tokens by then)."""
+        if self._selection is None:
+            result = self.selector.result()
+            submitted = self._submitted() + ([WARMUP] if self.warmup is not None else [])
+            self._selection = dataclasses.replace(
+                result,
+                selected_chunk=None if self.summarize else result.selected_chunk,
+                prefill_tokens=sum(len(self.prompt_ids(c)) for c in submitted),
+                cached_tokens=sum(self.cached_tokens.get(c, 0) for c in submitted),
+            )
+        return self._selection
+
+    @functools.cached_property
+    def joined_prompt_ids(self) -> list[int]:
+        """Every row's prompt, in chunk order: the summarize parent's prompt."""
+        return [t for row in self.rows for t in row]
 
     def live_children(self) -> list[str]:
         return [self.child_id(c) for c in sorted(self.in_engine)]

@@ -8,13 +8,15 @@ from typing import Any, Sequence
 from tqdm import tqdm
 from vllm import LLM, SamplingParams
 from vllm.outputs import RequestOutput
+from vllm.sampling_params import RequestOutputKind
 
 from ..core import OPRMConfig, OPRMPrompt
 from ..plugin import require_supported_vllm
 from .capture import PROCESSOR, TAKE_METHOD, WORKER_EXTENSION, merge_records, refuse_capture_key
-from .children import child_params, cumulative, parent_output
+from .children import ParentStream, child_params, cumulative
 from .fanout import Actions, FanOut
 from .layout import plan_request, prefix_cache_block
+from .metrics import logger
 
 _serial = itertools.count()
 
@@ -98,16 +100,27 @@ class OPRMLLM:
                 self._score(sorted(ready), active, children)
                 for index in [i for i, (fanout, _) in active.items() if fanout.done()]:
                     fanout, _ = active.pop(index)
-                    results[index] = parent_output(fanout)
+                    results[index] = ParentStream(fanout, RequestOutputKind.CUMULATIVE)()
                     bar.update(1)
         except BaseException:
-            live = [cid for fanout, _ in active.values() for cid in fanout.live_children()] + list(plain)
-            if live:
-                self.engine.abort_request(live)
+            self._abandon([fanout for fanout, _ in active.values()], list(plain))
             raise
         finally:
             bar.close()
         return results
+
+    def _abandon(self, fanouts: list[FanOut], plain: list[str]) -> None:
+        """After an error (or an interrupt) in the loop: abort every request still running and drop
+        the first-token records nobody will read, so the engine can serve the next call."""
+        try:
+            live = [cid for fanout in fanouts for cid in fanout.live_children()] + plain
+            if live:
+                self.engine.abort_request(live)
+            unscored = [cid for fanout in fanouts for cid in fanout.unscored_children()]
+            if unscored:
+                self.llm.collective_rpc(TAKE_METHOD, args=(unscored,))
+        except Exception:  # noqa: BLE001 - the engine is gone; the error being raised says why
+            logger.warning("OPRM could not clean up after an error: the engine did not answer", exc_info=True)
 
     def _apply(self, index: int, owner: tuple[FanOut, SamplingParams], actions: Actions, children) -> None:
         fanout, params = owner

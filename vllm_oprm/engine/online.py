@@ -15,18 +15,17 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import dataclasses
-from collections.abc import AsyncGenerator
-from typing import Any
+from collections.abc import AsyncGenerator, Awaitable
+from typing import Any, TypeVar
 
 from vllm import SamplingParams
 from vllm.outputs import RequestOutput
-from vllm.sampling_params import RequestOutputKind
 
 from ..core import ChunkRows, OPRMConfig, Selection
 from .capture import take_records_from_every_engine, withdraw_capture_keys
-from .children import child_params, parent_output
+from .children import ParentStream, child_params
 from .fanout import Actions, FanOut
-from .metrics import ABORTED_CHUNKS, record_request
+from .metrics import ABORTED_CHUNKS, logger, record_request
 
 
 @dataclasses.dataclass
@@ -43,14 +42,47 @@ class OPRMJob:
     outputs: AsyncGenerator[RequestOutput, None] | None = None
 
 
+ENGINE_CHECK_S = 0.5  # how often a request waiting on an engine call checks that the engine is alive
+T = TypeVar("T")
 current_job: contextvars.ContextVar[OPRMJob | None] = contextvars.ContextVar("oprm_job", default=None)
 
 
-class OPRMEngineClient:
-    """Delegates everything to ``client`` except ``generate`` calls made under an ``OPRMJob``."""
+class RowAdmission:
+    """A server-wide cap on chunk rows in prefill (``--oprm-max-inflight-rows``).
 
-    def __init__(self, client: Any):
+    A row takes a place before it goes to the engine and gives it back once it is
+    scored (its first token is out) or ends; rows beyond the cap wait in the order
+    they were sent. Scored rows (a select request's running winner, summarize rows)
+    decode without a place, and the fan-out waits for places in the rows' own tasks,
+    never in the loop that scores them, so waiting rows cannot block the rows that
+    would free a place.
+    """
+
+    def __init__(self, limit: int):
+        if limit <= 0:
+            raise ValueError(f"OPRM_MAX_INFLIGHT_ROWS must be positive, got {limit}")
+        self.limit = limit
+        self._places = asyncio.Semaphore(limit)  # FIFO
+
+    async def enter(self) -> None:
+        await self._places.acquire()
+
+    def leave(self) -> None:
+        self._places.release()
+
+
+class OPRMEngineClient:
+    """Delegates everything to ``client`` except ``generate`` calls made under an ``OPRMJob``.
+
+    ``admission`` caps chunk rows in prefill across every request it serves; with
+    ``lower_child_priority`` (vLLM's ``--scheduling-policy priority``) chunk rows run
+    one priority level below their request's, so plain requests go ahead of them.
+    """
+
+    def __init__(self, client: Any, admission: RowAdmission | None = None, lower_child_priority: bool = False):
         self._client = client
+        self._admission = admission
+        self._child_priority_offset = 1 if lower_child_priority else 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._client, name)
@@ -60,6 +92,8 @@ class OPRMEngineClient:
         if job is None or job.claimed or not isinstance(sampling_params, SamplingParams):
             return self._client.generate(prompt, sampling_params, request_id, *args, **kwargs)
         job.claimed = True  # one prompt per job; the server refuses prompt lists
+        if self._child_priority_offset:
+            kwargs = {**kwargs, "priority": kwargs.get("priority", 0) + self._child_priority_offset}
         job.outputs = self._fan_out(job, sampling_params, request_id, args, kwargs)
         return job.outputs
 
@@ -69,79 +103,98 @@ class OPRMEngineClient:
         fanout = FanOut(parent_id, job.layout, job.config)
         arrivals: asyncio.Queue = asyncio.Queue()
         pumps: dict[int, asyncio.Task] = {}
+        placed: set[int] = set()  # chunks holding a place in ``self._admission``
 
-        async def pump(chunk: int, outputs: AsyncGenerator[RequestOutput, None]) -> None:
+        def leave(chunk: int) -> None:
+            if chunk in placed:
+                placed.discard(chunk)
+                self._admission.leave()
+
+        async def pump(chunk: int, row: dict, child: SamplingParams) -> None:
             try:
-                async for output in outputs:
+                if self._admission is not None:
+                    await self._admission.enter()
+                    placed.add(chunk)
+                # the engine sees the request when iteration starts
+                async for output in self._client.generate(row, child, fanout.child_id(chunk), *args, **kwargs):
                     arrivals.put_nowait((chunk, output, None))
             except Exception as error:  # noqa: BLE001 - handed to the parent, which re-raises it
                 arrivals.put_nowait((chunk, None, error))
+            finally:
+                leave(chunk)
 
         async def apply(actions: Actions) -> None:
             if actions.abort:
                 for chunk in actions.abort:
                     pumps.pop(chunk).cancel()
-                await self._client.abort([fanout.child_id(c) for c in actions.abort])
+                await self._answered(self._client.abort([fanout.child_id(c) for c in actions.abort]))
                 ABORTED_CHUNKS.inc(len(actions.abort))
             for chunk in actions.add:
                 row = {"prompt_token_ids": fanout.prompt_ids(chunk)}
-                params_c = child_params(params, fanout, chunk, job.max_model_len)
-                outputs = self._client.generate(row, params_c, fanout.child_id(chunk), *args, **kwargs)
-                pumps[chunk] = asyncio.create_task(pump(chunk, outputs))
+                child = child_params(params, fanout, chunk, job.max_model_len)
+                pumps[chunk] = asyncio.create_task(pump(chunk, row, child))
 
-        emit = _Emitter(params.output_kind)
+        stream = ParentStream(fanout, params.output_kind)
         try:
             await apply(fanout.start())
             while not fanout.done():
-                chunk, output, error = await arrivals.get()
-                if error is not None:
-                    raise error
-                await apply(fanout.on_output(chunk, output))
+                arrived = [await arrivals.get()]
+                while not arrivals.empty():  # score everything that came in together with one round trip
+                    arrived.append(arrivals.get_nowait())
+                for chunk, output, error in arrived:
+                    if error is not None:
+                        raise error
+                    await apply(fanout.on_output(chunk, output))
                 keys = fanout.score_keys()
                 if keys:
-                    records = await take_records_from_every_engine(self._client, keys)
+                    records = await self._answered(take_records_from_every_engine(self._client, keys))
+                    for key in keys:
+                        leave(fanout.chunk_of(key))
                     await apply(fanout.on_records(records))
                 if fanout.selector.done:
                     job.selection = fanout.selection()
-                    update = emit(parent_output(fanout))
+                    update = stream()
                     if update is not None:
                         yield update
         finally:
             for task in pumps.values():
                 task.cancel()
-            live, unscored = fanout.live_children(), fanout.unscored_children()
+            # Shielded: a second cancellation (or the client going away again) must not cut the cleanup
+            # short, or the children would keep running and their records stay in the workers.
+            cleanup = asyncio.ensure_future(self._clean_up(fanout, job))
+            _cleanups.add(cleanup)
+            cleanup.add_done_callback(_cleanups.discard)
+            await asyncio.shield(cleanup)
+
+    async def _clean_up(self, fanout: FanOut, job: OPRMJob) -> None:
+        """Count the request, then abort its live children and drop its unread records."""
+        outcome = "finished" if fanout.done() else "abandoned"  # the caller went away, or an error
+        record_request(fanout.parent_id, job.config.mode, job.selection, len(fanout.rows), outcome)
+        withdraw_capture_keys([fanout.child_id(chunk) for chunk in range(len(fanout.rows))])
+        live, unscored = fanout.live_children(), fanout.unscored_children()
+        try:
             if live:
                 ABORTED_CHUNKS.inc(len(live))
-                await self._client.abort(live)
-            outcome = "finished" if fanout.done() else "abandoned"  # the caller went away, or an error
-            record_request(parent_id, job.config.mode, job.selection, len(fanout.rows), outcome)
-            withdraw_capture_keys([fanout.child_id(chunk) for chunk in range(len(fanout.rows))])
+                await self._answered(self._client.abort(live))
             if unscored:  # drop first-token records nobody will read
-                await take_records_from_every_engine(self._client, unscored)
+                await self._answered(take_records_from_every_engine(self._client, unscored))
+        except Exception:  # noqa: BLE001 - the engine is gone (its requests and records with it)
+            logger.warning("oprm %s: cleanup could not reach the engine", fanout.parent_id, exc_info=True)
+
+    async def _answered(self, call: Awaitable[T]) -> T:
+        """``call``'s result, or the engine's error once it is dead: vLLM never answers a utility call
+        that was waiting on an engine core when it died, so awaiting it alone would hang the request."""
+        task = asyncio.ensure_future(call)
+        try:
+            while True:
+                if self._client.errored:
+                    raise self._client.dead_error
+                done, _ = await asyncio.wait({task}, timeout=ENGINE_CHECK_S)
+                if done:
+                    return task.result()
+        finally:
+            task.cancel()
 
 
-class _Emitter:
-    """Turns the parent's cumulative outputs into what ``output_kind`` asks for."""
-
-    def __init__(self, kind: RequestOutputKind):
-        self.kind = kind
-        self.tokens = 0
-        self.chars = 0
-
-    def __call__(self, output: RequestOutput) -> RequestOutput | None:
-        if self.kind == RequestOutputKind.CUMULATIVE:
-            return output
-        if self.kind == RequestOutputKind.FINAL_ONLY:
-            return output if output.finished else None
-        completion = output.outputs[0]
-        if len(completion.token_ids) == self.tokens and not output.finished:
-            return None
-        delta = dataclasses.replace(
-            completion,
-            text=completion.text[self.chars :],
-            token_ids=completion.token_ids[self.tokens :],
-            logprobs=None if completion.logprobs is None else completion.logprobs[self.tokens :],
-        )
-        self.tokens, self.chars = len(completion.token_ids), len(completion.text)
-        output.outputs = [delta]
-        return output
+# Cleanups still running after their request's task was cancelled (asyncio keeps only weak references).
+_cleanups: set[asyncio.Future] = set()

@@ -37,7 +37,7 @@ from ..core import OPRMPrompt, Selection, defaults_from_env, parse_options
 from ..core.options import MAX_CHUNKS
 from ..engine.capture import PROCESSOR, WORKER_EXTENSION
 from ..engine.layout import plan_request, prefix_cache_block
-from ..engine.online import OPRMEngineClient, OPRMJob, current_job
+from ..engine.online import OPRMEngineClient, OPRMJob, RowAdmission, current_job
 
 router = APIRouter()
 SERVINGS = ("openai_serving_completion", "openai_serving_chat")
@@ -226,13 +226,16 @@ class RecentDocuments:
 
 
 class OPRMServerState:
-    """Per-app settings: server-wide option defaults and limits, the tokenizer, the engine's cache block."""
+    """Per-app settings: server-wide option defaults and limits (chunks per request, chunk rows in
+    prefill across requests), the tokenizer, the engine's cache block."""
 
     def __init__(self, defaults: dict[str, Any], tokenizer: Any, max_model_len: int, cache_block_size: int | None):
         self.defaults = defaults
         self.max_chunks = defaults.pop("max_chunks", MAX_CHUNKS)
         if self.max_chunks <= 0:
             raise ValueError(f"OPRM_MAX_CHUNKS must be positive, got {self.max_chunks}")
+        limit = defaults.pop("max_inflight_rows", None)
+        self.admission = None if limit is None else RowAdmission(limit)
         self.tokenizer = RecentDocuments(tokenizer)
         self.max_model_len = max_model_len
         self.cache_block_size = cache_block_size
@@ -258,8 +261,6 @@ class OPRMEndpoints:
         if missing:
             raise RuntimeError(f"vllm-oprm's server plugin needs {' and '.join(missing)} (`vllm-oprm serve` adds them)")
         servings = [getattr(state, name) for name in SERVINGS if getattr(state, name, None) is not None]
-        for serving in servings:
-            serving.engine_client = OPRMEngineClient(serving.engine_client)
         tokenizer = servings[0].renderer.tokenizer
         state.oprm = OPRMServerState(
             defaults_from_env(),
@@ -267,6 +268,9 @@ class OPRMEndpoints:
             engine_client.model_config.max_model_len,
             prefix_cache_block(engine_client.vllm_config),
         )
+        priority_scheduling = engine_client.vllm_config.scheduler_config.policy == "priority"
+        for serving in servings:  # one admission for both routes
+            serving.engine_client = OPRMEngineClient(serving.engine_client, state.oprm.admission, priority_scheduling)
         # A bad server default fails at start, not on every request.
         _, config = parse_options({"context": "-"}, state.oprm.defaults, tokenizer)
         if config.prefix_cache and state.oprm.cache_block_size is None:
