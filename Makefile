@@ -22,7 +22,7 @@ TORCH_CPU := torch==2.13.0+cpu
 # 0.33 when run by hand (`make test-vllm-0.33 ENGINE_TESTS=... ENGINE_DESELECT=`).
 ENGINE_TESTS := tests/test_patches.py tests/test_cli.py tests/test_vllm_offline.py tests/test_vllm_models.py \
 	tests/test_vllm_server.py tests/test_prefix_cache.py tests/test_data_parallel.py \
-	tests/test_capture_v2.py tests/test_runner_choice.py
+	tests/test_capture_v2.py tests/test_runner_choice.py tests/test_async_fanout.py
 ENGINE_DESELECT := --deselect 'tests/test_data_parallel.py::test_oprm_requests_over_two_engines_equal_reference[ray]'
 
 .PHONY: demo test test-vllm-0.33 bench venv

@@ -39,8 +39,10 @@ async def plain_latencies(client, model: str) -> list[float]:
     return latencies
 
 
-async def under_load(client, model: str, contexts: list[str]) -> tuple[list[float], float]:
-    """Plain latencies measured once every long request is in; how long the long ones took in all."""
+async def under_load(client, url: str, model: str, contexts: list[str]) -> tuple[list[float], float]:
+    """Plain latencies measured once the long requests' rows run; how long the long ones took in all."""
+    from vllm_oprm.testing import metric
+
     start = time.perf_counter()
     long = [
         asyncio.create_task(client.completions.create(
@@ -49,7 +51,8 @@ async def under_load(client, model: str, contexts: list[str]) -> tuple[list[floa
         ))
         for context in contexts
     ]
-    await asyncio.sleep(5.0)  # the four are tokenized and their rows queued
+    while metric(url, "vllm:num_requests_running") < 2:
+        await asyncio.sleep(0.05)  # until the four are tokenized and their rows are in the engine
     assert not any(task.done() for task in long), "the long requests finished before the measurement"
     latencies = await plain_latencies(client, model)
     await asyncio.gather(*long)
@@ -68,7 +71,7 @@ def measure(model: str, args: list[str], contexts: list[str]) -> dict:
             try:
                 await plain_latencies(client, model)  # warm-up
                 alone = await plain_latencies(client, model)
-                loaded, long_s = await under_load(client, model, contexts)
+                loaded, long_s = await under_load(client, server.url, model, contexts)
                 return alone, loaded, long_s
             finally:
                 await client.close()

@@ -140,3 +140,27 @@ def test_text_that_comes_after_its_tokens_is_still_streamed():
     streamed = [d for d in deltas if d is not None]
     assert "".join(d.outputs[0].text for d in streamed) == later.outputs[0].text
     assert [t for d in streamed for t in d.outputs[0].token_ids] == [0, 1, 2] and streamed[-1].finished
+
+
+class Streamed:
+    """Stands in for a chunk output already streamed in full: reading it again fails the test."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"a streamed chunk's output was read again ({name})")
+
+
+def test_summarize_events_read_only_what_is_new():
+    """Each event's cost must not grow with the chunks before it: once a chunk is streamed in full,
+    no later event reads its output again (it used to rebuild and rejoin every answer)."""
+    config = OPRMConfig(mode="summarize", summary_separator=" | ")
+    fanout = FanOut("p", layout(4, 4), config)
+    fanout.start()
+    for chunk in range(4):
+        fanout.on_output(chunk, output(chunk, [0], False))
+    fanout.on_scores({chunk: (1.0, 1) for chunk in range(4)})
+    stream, texts = ParentStream(fanout, RequestOutputKind.DELTA), []
+    for chunk in range(4):
+        fanout.on_output(chunk, output(chunk, [0, 1], True))
+        texts.append(stream().outputs[0].text)
+        fanout.latest[chunk] = Streamed()
+    assert "".join(texts) == " | ".join(output(c, [0, 1], True).outputs[0].text for c in range(4))
