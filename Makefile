@@ -51,7 +51,7 @@ $(VENV_0_33)/.installed: setup.py $(VLLM_0_33_CPU)/requirements.txt
 demo: venv
 	$(PY) -m benchmarks.ar.demo
 
-# Regenerates every table and plot in benchmarks/results/ (about 25 minutes on 2 cores: model_speed about 10 of them).
+# Regenerates every table and plot in benchmarks/results/ (about 35 minutes on 2 cores: model_speed about 10 of them, admission about 8).
 bench: venv
 	$(PY) -m benchmarks.ar.evaluate
 	$(PY) -m benchmarks.speed
@@ -59,6 +59,7 @@ bench: venv
 	$(PY) -m benchmarks.entropy_overhead
 	$(PY) -m benchmarks.prefix_cache
 	$(PY) -m benchmarks.fanout_costs
+	$(PY) -m benchmarks.admission
 
 test: venv
 	$(TEST_ENV) $(PY) -m pytest -q --durations=15 tests
