@@ -40,7 +40,7 @@ class FanOut:
         self.selector = ChunkSelector(layout.num_chunks, config.idk_token_ids)
         self.next_batch = 0
         self.in_engine: set[int] = set()  # submitted, not finished or aborted
-        self.unscored: set[int] = set()  # first token out, (entropy, argmax) not read yet
+        self.to_score: set[int] = set()  # first token out, (entropy, argmax) not read yet
         self.scored: set[int] = set()
         self.latest: dict[int, Any] = {}  # chunk -> its latest engine output
         self.finished: set[int] = set()
@@ -90,7 +90,7 @@ class FanOut:
             return self._submit_next_batch()
         self.latest[chunk] = output
         if chunk not in self.scored and len(output.outputs[0].token_ids) > 0:
-            self.unscored.add(chunk)
+            self.to_score.add(chunk)
         if output.finished:
             self.finished.add(chunk)
             self.in_engine.discard(chunk)
@@ -98,11 +98,11 @@ class FanOut:
 
     def score_keys(self) -> list[str]:
         """Capture keys of the chunks whose first token is out and not yet scored."""
-        return [self.child_id(c) for c in sorted(self.unscored)]
+        return [self.child_id(c) for c in sorted(self.to_score)]
 
     def on_records(self, records: Mapping[str, Sequence]) -> Actions:
-        """Score the unscored chunks from the worker's ``key -> (entropy, argmax)`` records."""
-        keys = {chunk: self.child_id(chunk) for chunk in sorted(self.unscored)}
+        """Score the chunks waiting for a score from the worker's ``key -> (entropy, argmax)`` records."""
+        keys = {chunk: self.child_id(chunk) for chunk in sorted(self.to_score)}
         missing = [key for key in keys.values() if key not in records]
         if missing:
             raise RuntimeError(
@@ -116,7 +116,7 @@ class FanOut:
         for chunk, (entropy, argmax) in sorted(scores.items()):
             self.selector.add(chunk, entropy, argmax)
             self.scored.add(chunk)
-            self.unscored.discard(chunk)
+            self.to_score.discard(chunk)
         actions = Actions()
         if not self.summarize:
             winner = self.selector.winner
@@ -124,8 +124,7 @@ class FanOut:
             self.in_engine.difference_update(actions.abort)
             for chunk in (self.latest.keys() & self.scored) - {winner}:
                 del self.latest[chunk]
-        current = self.batches[self.next_batch - 1]
-        if self.next_batch < len(self.batches) and self.scored.issuperset(current):
+        if self.next_batch < len(self.batches) and self.scored.issuperset(self.batches[self.next_batch - 1]):
             actions.add = self._submit_next_batch().add
         return actions
 

@@ -61,7 +61,6 @@ class RowAdmission:
     def __init__(self, limit: int):
         if limit <= 0:
             raise ValueError(f"OPRM_MAX_INFLIGHT_ROWS must be positive, got {limit}")
-        self.limit = limit
         self._places = asyncio.Semaphore(limit)  # FIFO
 
     async def enter(self) -> None:
