@@ -28,6 +28,8 @@ from vllm_oprm.core import (
         ("max_batch_tokens", 0), ("max_batch_tokens", None), ("mode", "best"), ("mode", None),
         ("idk_token_ids", "Error"), ("idk_token_ids", [-1]), ("idk_token_ids", [1.0]), ("idk_token_ids", 7),
         ("summary_separator", 3), ("prefix_cache", 1), ("prefix_cache", "true"),
+        ("early_exit_entropy", -0.1), ("early_exit_entropy", float("nan")), ("early_exit_entropy", float("inf")),
+        ("early_exit_entropy", "0.5"), ("early_exit_entropy", True), ("chunk_order", "random"), ("chunk_order", None),
     ],
 )
 def test_invalid_config_field_is_named(field, value):
@@ -39,6 +41,13 @@ def test_config_defaults_follow_the_paper():
     config = OPRMConfig(idk_token_ids=[5801])
     assert (config.chunk_size, config.max_batch_tokens, config.mode) == (2000, 120_000, "select")
     assert config.idk_token_ids == (5801,) and config.summary_separator == "\n"
+    assert (config.early_exit_entropy, config.chunk_order) == (None, "forward")
+
+
+def test_early_exit_is_refused_in_summarize_mode_and_an_integer_threshold_is_a_float():
+    with pytest.raises(ValueError, match="early_exit_entropy does not apply to mode 'summarize'"):
+        OPRMConfig(mode="summarize", early_exit_entropy=0.5)
+    assert OPRMConfig(mode="last", early_exit_entropy=1).early_exit_entropy == 1.0
 
 
 class SpaceTokenizer:
@@ -105,6 +114,11 @@ def test_request_options_override_server_defaults():
         ({"context": "1", "idk": [True]}, "oprm.idk must be"),
         ({"context": "1", "size": 3}, "unknown field.*size"),
         ({"context": "1", "prefix_cache": "yes"}, "oprm.prefix_cache must be true or false"),
+        ({"context": "1", "early_exit_entropy": -1}, "oprm.early_exit_entropy must be a finite number"),
+        ({"context": "1", "early_exit_entropy": float("nan")}, "oprm.early_exit_entropy must be a finite number"),
+        ({"context": "1", "early_exit_entropy": "low"}, "oprm.early_exit_entropy must be a finite number"),
+        ({"context": "1", "early_exit_entropy": 0.5, "mode": "summarize"}, "oprm.early_exit_entropy does not apply"),
+        ({"context": "1", "chunk_order": "backward"}, "oprm.chunk_order must be one of"),
     ],
 )
 def test_bad_request_options_name_the_field(options, message):
@@ -122,6 +136,16 @@ def test_server_defaults_come_from_the_environment():
     assert defaults_from_env({"OPRM_PREFIX_CACHE": "0"}) == {"prefix_cache": False}
     with pytest.raises(ValueError, match="OPRM_PREFIX_CACHE must be true or false"):
         defaults_from_env({"OPRM_PREFIX_CACHE": "maybe"})
+    env = {"OPRM_EARLY_EXIT_ENTROPY": "0.25", "OPRM_CHUNK_ORDER": "reverse"}
+    assert defaults_from_env(env) == {"early_exit_entropy": 0.25, "chunk_order": "reverse"}
+    with pytest.raises(ValueError, match="OPRM_EARLY_EXIT_ENTROPY must be a number"):
+        defaults_from_env({"OPRM_EARLY_EXIT_ENTROPY": "low"})
+
+
+def test_a_server_wide_early_exit_skips_summarize_requests_but_not_select_ones():
+    defaults = {"early_exit_entropy": 0.5}
+    assert parse_options({"context": "1", "mode": "summarize"}, defaults, SpaceTokenizer())[1].early_exit_entropy is None
+    assert parse_options({"context": "1"}, defaults, SpaceTokenizer())[1].early_exit_entropy == 0.5
 
 
 def test_text_without_tokenizer_raises():
@@ -184,6 +208,17 @@ def test_batches_respect_the_token_budget():
     assert plan_batches([5, 5, 5, 3], 100) == [[0, 1, 2, 3]]
     with pytest.raises(ValueError, match="max_batch_tokens"):
         plan_batches([5, 11], 10)
+    assert plan_batches([5, 5, 5, 3], 10, order=[3, 2, 1, 0]) == [[3, 2], [1, 0]]
+    with pytest.raises(ValueError, match="chunk row 3"):
+        plan_batches([5, 5, 5, 11], 10, order=[3, 2, 1, 0])
+
+
+def test_reverse_chunk_order_sends_the_last_chunks_first_with_the_same_rows():
+    tp = OPRMPrompt([9], list(range(10, 20)), [8]).tokenize()
+    forward = build_rows(tp, OPRMConfig(chunk_size=3, max_batch_tokens=10))
+    reverse = build_rows(tp, OPRMConfig(chunk_size=3, max_batch_tokens=10, chunk_order="reverse"))
+    assert reverse.rows == forward.rows and forward.batches == [[0, 1], [2, 3]]
+    assert reverse.batches == [[3, 2], [1, 0]]
 
 
 def test_entropy_is_full_vocabulary_natural_log_float32():
@@ -235,6 +270,28 @@ def test_selector_non_finite_entropy_never_wins_over_a_finite_one(order):
     for chunk in reversed(range(3)):
         none_finite.add(chunk, [float("inf"), float("nan"), float("-inf")][chunk], 3)
     assert none_finite.result().selected_chunk == 0  # all rank as +inf: the tie rule
+
+
+def test_selector_is_confident_only_at_an_answering_winner_under_the_threshold():
+    sel = ChunkSelector(4, idk_token_ids=[7], early_exit_entropy=0.2)
+    sel.add(0, 0.05, 7)  # IDK: never a reason to stop, however low its entropy
+    assert not sel.confident() and sel.winner == 0
+    sel.add(1, float("nan"), 2)  # NaN ranks as +inf
+    assert not sel.confident()
+    sel.add(2, 0.2, 3)  # at the threshold counts
+    assert sel.confident()
+    sel.stop_early()
+    result = sel.result()
+    assert (result.selected_chunk, result.stopped_early, result.chunks_read) == (2, True, 3)
+    assert result.entropies[3] is None and math.isnan(result.entropies[1])
+    with pytest.raises(ValueError, match="early exit"):
+        sel.add(3, 0.0, 3)
+
+    off = ChunkSelector(2)
+    off.add(0, 0.0, 3)
+    assert not off.confident()
+    with pytest.raises(RuntimeError, match="confident"):
+        off.stop_early()
 
 
 def test_selector_keeps_one_live_state_and_rejects_misuse():

@@ -5,6 +5,7 @@ prefill after a random number of steps, then makes one token per step. The real
 engine runs the same code in tests/test_vllm_offline.py and test_vllm_server.py.
 """
 
+import math
 import random
 
 import pytest
@@ -14,7 +15,7 @@ pytest.importorskip("vllm")
 from vllm.outputs import CompletionOutput, RequestOutput  # noqa: E402
 from vllm.sampling_params import RequestOutputKind  # noqa: E402
 
-from vllm_oprm.core import ChunkRows, ChunkSelector, OPRMConfig  # noqa: E402
+from vllm_oprm.core import ChunkRows, ChunkSelector, OPRMConfig, plan_batches  # noqa: E402
 from vllm_oprm.engine.children import ParentStream  # noqa: E402
 from vllm_oprm.engine.fanout import FanOut  # noqa: E402
 
@@ -92,6 +93,41 @@ def test_select_picks_the_in_order_winner_and_losers_stop_at_their_first_token(s
     # A chunk that did not lead once scored is aborted with its first token only.
     for chunk in set(range(num_chunks)) - leaders:
         assert len(tokens[chunk]) == 1, f"loser {chunk} decoded {len(tokens[chunk])} tokens"
+
+
+def read_until_confident(scores, batches, threshold):
+    """The early-exit rule written out plainly: read batches in order; after each one, the winner
+    over every chunk read so far; stop if it answers with an entropy <= threshold.
+    Returns (chunks read, winner, whether it stopped before the last batch)."""
+    read = []
+    for position, batch in enumerate(batches):
+        read += batch
+        answering = [c for c in read if scores[c][1] != IDK] or read
+        winner = min(answering, key=lambda c: (scores[c][0] if math.isfinite(scores[c][0]) else math.inf, c))
+        confident = scores[winner][1] != IDK and scores[winner][0] <= threshold
+        if confident and position < len(batches) - 1:
+            return sorted(read), winner, True
+    return sorted(read), winner, False
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_early_exit_reads_batches_in_order_until_a_confident_answering_winner(seed):
+    rng = random.Random(seed)
+    num_chunks = rng.randint(1, 12)
+    scores = [(rng.choice([0.1, 0.5, 1.0, 2.0, float("nan")]), rng.choice([1, 2, IDK])) for _ in range(num_chunks)]
+    order = rng.choice(["forward", "reverse"])
+    config = OPRMConfig(idk_token_ids=[IDK], early_exit_entropy=rng.choice([0.1, 0.5, 1.0]), chunk_order=order)
+    chunks = list(range(num_chunks))[:: 1 if order == "forward" else -1]
+    batches = plan_batches([5] * num_chunks, 5 * rng.randint(1, 4), chunks)
+    fanout = FanOut("p", ChunkRows([[c] * 5 for c in range(num_chunks)], batches), config)
+    streamed, tokens, added, _ = run(fanout, scores, rng)
+    read, winner, stopped = read_until_confident(scores, batches, config.early_exit_entropy)
+    selection = fanout.selection()
+    assert sorted(added) == read
+    assert (selection.selected_chunk, selection.stopped_early, selection.chunks_read) == (winner, stopped, len(read))
+    assert [c for c, h in enumerate(selection.entropies) if h is not None] == read
+    assert selection.prefill_tokens == 5 * len(read)
+    assert [t for out in streamed for t in out.outputs[0].token_ids] == [0, 1, 2, 3]
 
 
 @pytest.mark.parametrize("seed", range(20))

@@ -10,6 +10,7 @@ pytest.importorskip("vllm")
 from vllm import SamplingParams  # noqa: E402
 
 from vllm_oprm import OPRMConfig, OPRMPrompt  # noqa: E402
+from vllm_oprm.core import build_rows  # noqa: E402
 from vllm_oprm.reference import OPRMGenerator  # noqa: E402
 from vllm_oprm.testing import build_model_dir, same_words, words  # noqa: E402
 
@@ -52,13 +53,34 @@ def assert_same_as_reference(out, ref):
 
 @pytest.mark.parametrize("budget", [26, 60, 100_000])  # one row per batch, two rows, all rows
 def test_select_equals_reference(llm, mamba2, budget):
-    config = OPRMConfig(chunk_size=16, max_batch_tokens=budget)
+    config = OPRMConfig(chunk_size=16, max_batch_tokens=budget, early_exit_entropy=None)  # off, as by default
     batch = prompts(seed=budget, count=4)
     outs = llm.generate(batch, GREEDY, oprm=config, use_tqdm=False)
     for prompt, out in zip(batch, outs):
         assert_same_as_reference(out, mamba2[1].generate(prompt, config, max_new_tokens=10, eos_token_id=-1))
     assert {out.oprm.num_chunks for out in outs} == {5}
     assert len({out.request_id for out in outs}) == 4
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse"])
+def test_early_exit_equals_reference(llm, mamba2, order):
+    for prompt in prompts(seed=21, count=3):
+        entropies = mamba2[1].generate(prompt, OPRMConfig(chunk_size=16, max_batch_tokens=26), max_new_tokens=1).entropies
+        # met within the first three chunks read (one per batch): the other two are never prefilled
+        threshold = min(entropies[:3] if order == "forward" else entropies[2:]) + 1e-3
+        config = OPRMConfig(chunk_size=16, max_batch_tokens=26, early_exit_entropy=threshold, chunk_order=order)
+        out = llm.generate([prompt], GREEDY, oprm=config, use_tqdm=False)[0]
+        ref = mamba2[1].generate(prompt, config, max_new_tokens=10, eos_token_id=-1)
+        assert ref.stopped_early and out.oprm.stopped_early
+        assert_same_as_reference(out, ref)
+        assert out.oprm.chunks_read <= 3
+        assert out.oprm.prefill_tokens == sum(len(row) for row in llm_rows(llm, prompt, config)[: out.oprm.chunks_read])
+
+
+def llm_rows(llm, prompt, config):
+    """The rows of ``prompt`` in the order they are read."""
+    layout = build_rows(prompt.tokenize(llm.tokenizer), config)
+    return [layout.rows[c] for batch in layout.batches for c in batch]
 
 
 @pytest.mark.parametrize("mode", ["summarize", "last"])

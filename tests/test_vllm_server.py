@@ -94,6 +94,24 @@ def test_idk_text_drops_chunks(server):
     assert_matches(out.choices[0], out.oprm, ref)
 
 
+@pytest.mark.parametrize("order", ["forward", "reverse"])
+def test_early_exit_reads_the_chunks_the_reference_reads_and_is_counted(server, order):
+    url = server[0]
+    parts = layout(seed=13)
+    entropies = reference(server, *parts, max_batch_tokens=26).entropies  # one chunk per batch
+    # A threshold met within the first three chunks read: the last two are never prefilled.
+    threshold = min(entropies[:3] if order == "forward" else entropies[2:]) + 1e-3
+    options = {"max_batch_tokens": 26, "early_exit_entropy": threshold, "chunk_order": order}
+    exits, prompt_tokens = metric(url, "oprm_early_exits_total"), metric(url, "vllm:prompt_tokens_total")
+    out = complete(server, *parts, oprm=options)
+    ref = reference(server, *parts, **options)
+    assert ref.stopped_early and out.oprm["stopped_early"]
+    assert out.oprm["chunks_read"] == sum(h is not None for h in ref.entropies) <= 3
+    assert_matches(out.choices[0], out.oprm, ref)
+    assert metric(url, "oprm_early_exits_total") == exits + 1
+    assert metric(url, "vllm:prompt_tokens_total") - prompt_tokens == out.oprm["prefill_tokens"]["total"]
+
+
 def test_single_chunk_equals_vanilla(server):
     prefix, context, suffix = layout(seed=11, context_words=CHUNK - 3)
     out = complete(server, prefix, context, suffix)
@@ -235,6 +253,10 @@ BAD_REQUESTS = [
     ("prefix cache on an engine without one", {}, {"prefix_cache": True}, "--enable-prefix-caching"),
     ("prefix cache as text", {}, {"prefix_cache": "yes"}, "oprm.prefix_cache must be true or false"),
     ("reserved capture key", {"vllm_xargs": {"oprm_capture": "mine"}}, {}, "'oprm_capture' is reserved"),
+    ("negative early exit", {}, {"early_exit_entropy": -0.5}, "oprm.early_exit_entropy must be a finite number"),
+    ("early exit as text", {}, {"early_exit_entropy": "low"}, "oprm.early_exit_entropy must be a finite number"),
+    ("early exit in summarize", {}, {"early_exit_entropy": 1, "mode": "summarize"}, "does not apply to mode"),
+    ("unknown chunk order", {}, {"chunk_order": "middle"}, "oprm.chunk_order must be one of"),
 ]
 
 
@@ -269,17 +291,27 @@ def test_bad_chat_request_is_400(server, oprm, fields, message):
     assert message in error.value.message
 
 
-def test_non_utf8_body_is_400(server):
+def post_raw(server, body: bytes):
+    """The HTTPError of a hand-written body (the openai client cannot send these)."""
     import urllib.error
     import urllib.request
 
-    body = b'{"model": "m", "prompt": "w1 {{context}} \xff\xfe", "oprm": {"context": "w2"}}'
     request = urllib.request.Request(
         server[0] + "/v1/completions", data=body, headers={"Content-Type": "application/json"}
     )
     with pytest.raises(urllib.error.HTTPError) as error:
         urllib.request.urlopen(request, timeout=30)
-    assert error.value.code == 400
+    return error.value
+
+
+def test_non_utf8_body_is_400(server):
+    assert post_raw(server, b'{"model": "m", "prompt": "w1 {{context}} \xff\xfe", "oprm": {"context": "w2"}}').code == 400
+
+
+def test_nan_early_exit_threshold_is_400(server):
+    body = f'{{"model": "{server[2]}", "prompt": "w1 {{{{context}}}} w2", "oprm": {{"context": "w3", "early_exit_entropy": NaN}}}}'
+    error = post_raw(server, body.encode())
+    assert error.code == 400 and "oprm.early_exit_entropy must be a finite number" in error.read().decode()
 
 
 @pytest.mark.parametrize("chat", [False, True])

@@ -69,3 +69,24 @@ def recall_items(seed: int, count: int, pairs: int) -> list[RecallItem]:
         context = " ".join(f"{word(k)} {word(v)}" for k, v in zip(keys, values))
         items.append(RecallItem(context, word(keys[asked]), word(values[asked]), asked))
     return items
+
+
+def long_recall_items(seed: int, count: int, pairs: int, pairs_per_chunk: int) -> list[RecallItem]:
+    """Questions over contexts longer than the 768 keys allow distinct: every run of
+    ``pairs_per_chunk`` pairs (one OPRM chunk) has distinct keys, and the asked key
+    appears once in the whole context, at a uniformly random pair."""
+    rng = torch.Generator().manual_seed(seed)
+    items = []
+    for _ in range(count):
+        order = torch.randperm(NUM_KEYS, generator=rng)
+        asked_key, others = int(KEY_IDS[order[0]]), KEY_IDS[order[1:]]
+        keys = []
+        for start in range(0, pairs, pairs_per_chunk):
+            run = min(pairs_per_chunk, pairs - start)
+            keys += others[torch.randperm(len(others), generator=rng)[:run]].tolist()
+        asked = int(torch.randint(0, pairs, (1,), generator=rng))
+        keys[asked] = asked_key
+        values = VALUE_IDS[torch.randint(0, NUM_VALUES, (pairs,), generator=rng)].tolist()
+        context = " ".join(f"{word(k)} {word(v)}" for k, v in zip(keys, values))
+        items.append(RecallItem(context, word(asked_key), word(values[asked]), asked))
+    return items

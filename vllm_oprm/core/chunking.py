@@ -77,11 +77,12 @@ class ChunkRows:
         return len(self.rows)
 
 
-def plan_batches(row_lengths: list[int], max_batch_tokens: int) -> list[list[int]]:
-    """Consecutive rows, greedily grouped so each batch's tokens fit the budget."""
+def plan_batches(row_lengths: list[int], max_batch_tokens: int, order: list[int] | None = None) -> list[list[int]]:
+    """Rows consecutive in ``order`` (default: row order), greedily grouped so each batch's tokens fit the budget."""
     batches: list[list[int]] = []
     used = 0
-    for index, length in enumerate(row_lengths):
+    for index in range(len(row_lengths)) if order is None else order:
+        length = row_lengths[index]
         if length > max_batch_tokens:
             raise ValueError(
                 f"max_batch_tokens ({max_batch_tokens}) is smaller than chunk row {index} "
@@ -117,4 +118,7 @@ def build_rows(prompt: TokenizedPrompt, config: OPRMConfig, cache_block_size: in
     if cache_block_size is not None and len(rows) > 1:
         shared = len(prompt.prefix_ids) // cache_block_size * cache_block_size
         warmup = rows[0][: shared + 1] if shared else None
-    return ChunkRows(rows, plan_batches([len(r) for r in rows], config.max_batch_tokens), warmup)
+    order = list(range(len(rows)))
+    if config.chunk_order == "reverse":
+        order.reverse()
+    return ChunkRows(rows, plan_batches([len(r) for r in rows], config.max_batch_tokens, order), warmup)

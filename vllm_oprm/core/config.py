@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 MODES = ("select", "summarize", "last")
+CHUNK_ORDERS = ("forward", "reverse")
 
 
 def _require_positive_int(name: str, value: object) -> None:
@@ -30,6 +32,13 @@ class OPRMConfig:
         (the engine needs ``enable_prefix_caching``): every ``[P, C_i]`` ends on a
         cache block boundary so a later question on the same context starts from
         its cached state, and P's state is computed once and shared.
+    early_exit_entropy: opt-in early exit (nats; None = off, the paper's rule).
+        After each batch is scored, if the running winner answers (is not an
+        IDK chunk) with an entropy at or below this, the chunks not yet read are
+        never prefilled. Select and last modes only: summarize reads every chunk.
+    chunk_order: the order batches go out, ``"forward"`` or ``"reverse"`` (last
+        chunk first, for contexts whose answer tends to sit near the question).
+        Only what is read first changes; ties still go to the lower chunk index.
     """
 
     chunk_size: int = 2000
@@ -38,6 +47,8 @@ class OPRMConfig:
     idk_token_ids: tuple[int, ...] = field(default=())
     summary_separator: str = "\n"
     prefix_cache: bool = False
+    early_exit_entropy: float | None = None
+    chunk_order: str = "forward"
 
     def __post_init__(self) -> None:
         _require_positive_int("chunk_size", self.chunk_size)
@@ -55,3 +66,13 @@ class OPRMConfig:
             raise ValueError(f"summary_separator must be a string, got {self.summary_separator!r}")
         if not isinstance(self.prefix_cache, bool):
             raise ValueError(f"prefix_cache must be true or false, got {self.prefix_cache!r}")
+        threshold = self.early_exit_entropy
+        if threshold is not None:
+            number = isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
+            if not number or not math.isfinite(threshold) or threshold < 0:
+                raise ValueError(f"early_exit_entropy must be a finite number of nats >= 0, got {threshold!r}")
+            if self.mode == "summarize":
+                raise ValueError("early_exit_entropy does not apply to mode 'summarize', which decodes every chunk")
+            object.__setattr__(self, "early_exit_entropy", float(threshold))
+        if self.chunk_order not in CHUNK_ORDERS:
+            raise ValueError(f"chunk_order must be one of {CHUNK_ORDERS}, got {self.chunk_order!r}")

@@ -9,7 +9,7 @@ from typing import Any, Mapping
 from .config import OPRMConfig
 from .prompt import Context, Tokenizer
 
-FIELDS = ("context", "chunk_size", "mode", "idk", "max_batch_tokens", "prefix_cache")
+FIELDS = ("context", "chunk_size", "mode", "idk", "max_batch_tokens", "prefix_cache", "early_exit_entropy", "chunk_order")
 # Server-wide settings; `vllm-oprm serve --oprm-chunk-size N` etc. set these. All but
 # max_chunks and max_inflight_rows are defaults a request's `oprm` fields override.
 ENV_DEFAULTS = {
@@ -19,6 +19,8 @@ ENV_DEFAULTS = {
     "idk": "OPRM_IDK",  # a one-token text, or a JSON list of token ids
     "max_chunks": "OPRM_MAX_CHUNKS",  # the most chunk requests one request may become
     "prefix_cache": "OPRM_PREFIX_CACHE",  # true/false: block-aligned rows for vLLM's prefix cache
+    "early_exit_entropy": "OPRM_EARLY_EXIT_ENTROPY",  # nats: stop reading chunks at a winner this confident
+    "chunk_order": "OPRM_CHUNK_ORDER",  # forward or reverse: which chunks are read first
     "max_inflight_rows": "OPRM_MAX_INFLIGHT_ROWS",  # the most chunk rows in prefill at once, server-wide
 }
 INTEGER_SETTINGS = ("chunk_size", "max_batch_tokens", "max_chunks", "max_inflight_rows")
@@ -49,6 +51,11 @@ def defaults_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any
                 defaults[name] = int(raw)
             except ValueError:
                 raise ValueError(f"{variable} must be an integer, got {raw!r}") from None
+        elif name == "early_exit_entropy":
+            try:
+                defaults[name] = float(raw)
+            except ValueError:
+                raise ValueError(f"{variable} must be a number of nats, got {raw!r}") from None
         elif name == "idk":
             defaults[name] = idk_setting(raw, variable)
         elif name == "prefix_cache":
@@ -72,6 +79,8 @@ def parse_options(options: Any, defaults: Mapping[str, Any], tokenizer: Tokenize
     if unknown:
         raise ValueError(f"oprm has unknown field(s) {', '.join(unknown)}; known: {', '.join(FIELDS)}")
     merged = {**defaults, **{key: value for key, value in options.items() if value is not None}}
+    if merged.get("mode") == "summarize" and options.get("early_exit_entropy") is None:
+        merged.pop("early_exit_entropy", None)  # a server-wide early exit does not apply to summarize requests
     context = merged.get("context")
     if isinstance(context, str):
         if not context.strip():
@@ -85,6 +94,8 @@ def parse_options(options: Any, defaults: Mapping[str, Any], tokenizer: Tokenize
             mode=merged.get("mode", OPRMConfig.mode),
             idk_token_ids=_idk_token_ids(merged.get("idk"), tokenizer),
             prefix_cache=merged.get("prefix_cache", OPRMConfig.prefix_cache),
+            early_exit_entropy=merged.get("early_exit_entropy"),
+            chunk_order=merged.get("chunk_order", OPRMConfig.chunk_order),
         )
     except ValueError as error:
         raise ValueError(f"oprm.{error}") from None

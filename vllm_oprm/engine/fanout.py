@@ -7,7 +7,8 @@ batch goes out once every chunk of the current one is scored. A chunk is scored
 as soon as its first token is out, and in select mode every scored chunk but
 the running winner is aborted at once: a scored loser can never win again
 (``ChunkSelector``'s order is total and fixed), so no loser decodes while its
-siblings still prefill. In summarize mode every chunk keeps decoding.
+siblings still prefill. In summarize mode every chunk keeps decoding. With
+``early_exit_entropy``, a batch that leaves a confident winner is the last one.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class FanOut:
         self.parent_id = parent_id
         self.rows, self.batches, self.warmup = layout.rows, layout.batches, layout.warmup
         self.config = config
-        self.selector = ChunkSelector(layout.num_chunks, config.idk_token_ids)
+        self.selector = ChunkSelector(layout.num_chunks, config.idk_token_ids, config.early_exit_entropy)
         self.next_batch = 0
         self.in_engine: set[int] = set()  # submitted, not finished or aborted
         self.to_score: set[int] = set()  # first token out, (entropy, argmax) not read yet
@@ -125,7 +126,10 @@ class FanOut:
             for chunk in (self.latest.keys() & self.scored) - {winner}:
                 del self.latest[chunk]
         if self.next_batch < len(self.batches) and self.scored.issuperset(self.batches[self.next_batch - 1]):
-            actions.add = self._submit_next_batch().add
+            if self.selector.confident():
+                self.selector.stop_early()  # the later batches are never sent
+            else:
+                actions.add = self._submit_next_batch().add
         return actions
 
     def _submit_next_batch(self) -> Actions:

@@ -24,6 +24,7 @@ PREFILL_TOKENS = Counter(
     "oprm_prefill_tokens", "Prompt tokens of OPRM chunk requests, by source: vLLM's prefix cache or computed", ["source"]
 )
 ABORTED_CHUNKS = Counter("oprm_aborted_chunks", "Chunk requests aborted: losers, and chunks of abandoned requests")
+EARLY_EXITS = Counter("oprm_early_exits", "OPRM requests that stopped reading chunks at a confident winner")
 
 
 def record_request(request_id: str, mode: str, selection: Selection | None, num_chunks: int, outcome: str) -> None:
@@ -34,6 +35,8 @@ def record_request(request_id: str, mode: str, selection: Selection | None, num_
     if selection is not None:
         PREFILL_TOKENS.labels(source="cached").inc(selection.cached_tokens)
         PREFILL_TOKENS.labels(source="computed").inc(selection.computed_tokens)
+        if selection.stopped_early:
+            EARLY_EXITS.inc()
     if chosen is not None:
         SELECTED_ENTROPY.observe(selection.entropies[chosen])
     logger.debug("oprm %s: mode %s, %d chunks, selected %s, %s", request_id, mode, num_chunks, chosen, outcome)

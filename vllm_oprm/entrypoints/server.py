@@ -132,6 +132,8 @@ def selection_json(selection: Selection) -> dict[str, Any]:
         "num_chunks": selection.num_chunks,
         "selected_chunk": selection.selected_chunk,
         "entropies": list(selection.entropies),
+        "chunks_read": selection.chunks_read,
+        "stopped_early": selection.stopped_early,
         "prefill_tokens": {
             "total": selection.prefill_tokens,
             "cached": selection.cached_tokens,

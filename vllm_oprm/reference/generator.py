@@ -77,7 +77,7 @@ class OPRMGenerator:
         def decode(row: RowState, first_logits: torch.Tensor) -> list[int]:
             return self._decode(row, first_logits, sampler, max_new_tokens, eos_token_id)
 
-        selector = ChunkSelector(len(rows), config.idk_token_ids)
+        selector = ChunkSelector(len(rows), config.idk_token_ids, config.early_exit_entropy)
         answers: list[list[int]] = []
         winner: tuple[RowState, torch.Tensor] | None = None
         for batch in batches:
@@ -91,6 +91,9 @@ class OPRMGenerator:
                 position = batch.index(selector.winner)
                 winner = (self.backend.take(batch_state, position), logits[position])
             del batch_state  # every state but the winner's is released here
+            if selector.confident() and batch is not batches[-1]:
+                selector.stop_early()  # early exit: the later batches are never prefilled
+                break
         selection = selector.result()
         if config.mode != "summarize":
             answers = [decode(*winner)]
@@ -102,6 +105,7 @@ class OPRMGenerator:
             selected_chunk=None if config.mode == "summarize" else selection.selected_chunk,
             entropies=selection.entropies,
             chunk_texts=texts if config.mode == "summarize" else [],
+            stopped_early=selection.stopped_early,
         )
 
     def _layout(self, prompt, config: OPRMConfig) -> tuple[list[list[int]], list[list[int]]]:
