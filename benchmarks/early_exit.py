@@ -128,10 +128,13 @@ def latency(checkpoint: Path, t: int, contexts, threshold: float, batch_chunks, 
             for batch in batch_chunks:
                 early = {"early_exit_entropy": threshold, "max_batch_tokens": batch * row}
                 runs[f"early exit, {batch}-chunk batches"] = [(p, {**o, **early}) for p, o in runs["oprm"]]
+            key_at = statistics.mean(item.pair_index / (tokens // 2) for item in items)
             for run, requests in runs.items():
                 result = measure(server, model, requests, 1, 1)
-                rows.append({"context": tokens, "run": run, **result})
-                print(f"{tokens:>7} tokens, {run:<28} latency {result['latency_s']:.3f} s", flush=True)
+                texts = result.pop("texts")
+                accuracy = statistics.mean(text.strip() == item.answer for text, item in zip(texts, items))
+                rows.append({"context": tokens, "run": run, "accuracy": accuracy, "key_at": key_at, **result})
+                print(f"{tokens:>7} tokens, {run:<28} latency {result['latency_s']:.3f} s, accuracy {accuracy:.2f}", flush=True)
     for row in rows:
         base = next(r for r in rows if r["run"] == "vanilla" and r["context"] == row["context"])
         row["latency_vs_vanilla"] = row["latency_s"] / base["latency_s"]
@@ -169,12 +172,12 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=CHECKPOINT)
     parser.add_argument("--pairs", type=integers, default=[64, 128, 256, 512])
     parser.add_argument("--batch-chunks", type=integers, default=[1, 4, 16])
-    parser.add_argument("--thresholds", type=floats, default=[0.03, 0.1, 0.3, 0.5, 1.0, 2.0, 3.0])
+    parser.add_argument("--thresholds", type=floats, default=[0.1, 0.3, 0.5, 0.6, 0.7, 0.8, 1.0, 2.0])
     parser.add_argument("--items", type=int, default=200)
     parser.add_argument("--contexts", type=integers, default=[32_000, 128_000])
     parser.add_argument("--latency-batch-chunks", type=integers, default=[16, 128],
                         help="batch sizes of the latency runs (1-chunk batches at 128k would be 4000 sequential rounds)")
-    parser.add_argument("--questions", type=int, default=8, help="questions per context length in the latency runs")
+    parser.add_argument("--questions", type=int, default=16, help="questions per context length in the latency runs")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -200,10 +203,11 @@ def main() -> None:
     latency_rows = []
     if threshold is not None and args.contexts:
         latency_rows = latency(args.checkpoint, t, args.contexts, threshold, args.latency_batch_chunks, args.questions)
-        columns = [("context", "{:>7}"), ("run", "{:<28}"), ("latency_s", "{:>7.3f}"), ("latency_vs_vanilla", "{:>5.2f}x"),
+        columns = [("context", "{:>7}"), ("run", "{:<29}"), ("latency_s", "{:>7.3f}"), ("latency_vs_vanilla", "{:>5.2f}x"),
                    ("ttft_s", "{:>7.3f}"), ("prefill_tokens_per_request", "{:>8.0f}"), ("prefill_vs_vanilla", "{:>5.2f}x"),
-                   ("peak_running", "{:>5.0f}")]
-        print(f"\nLatency through the server, threshold {threshold}, {args.questions} questions one at a time")
+                   ("accuracy", "{:>5.2f}"), ("key_at", "{:>5.2f}")]
+        print(f"\nLatency through the server, threshold {threshold}, {args.questions} questions one at a time "
+              "(key_at: mean position of the asked key, as a fraction of the context)")
         print(" | ".join(name for name, _ in columns))
         for row in latency_rows:
             print(" | ".join(fmt.format(row[name]) for name, fmt in columns))

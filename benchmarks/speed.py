@@ -68,25 +68,29 @@ class Sampler:
 
 
 async def one_request(client, model: str, prompt: str, max_tokens: int, oprm: dict | None):
-    """(seconds to first text, seconds in all) of one streamed completion."""
+    """(seconds to first text, seconds in all, text) of one streamed completion."""
     start = time.perf_counter()
     first = None
+    texts = []
     extra = {"ignore_eos": True, **({"oprm": oprm} if oprm else {})}
     stream = await client.completions.create(
         model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.0, stream=True, extra_body=extra
     )
     async for event in stream:
-        if first is None and event.choices and event.choices[0].text:
-            first = time.perf_counter() - start
-    return first, time.perf_counter() - start
+        if event.choices and event.choices[0].text:
+            texts.append(event.choices[0].text)
+            if first is None:
+                first = time.perf_counter() - start
+    return first, time.perf_counter() - start, "".join(texts)
 
 
 def measure(server, model: str, requests: list[tuple[str, dict | None]], concurrency: int, max_tokens: int) -> dict:
+    """Latency, throughput, peaks and prefill of ``requests`` (``texts``: each one's answer, in order)."""
     import openai
 
     from vllm_oprm.testing import metric
 
-    async def run() -> list[tuple[float, float]]:
+    async def run() -> list[tuple[float, float, str]]:
         client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=3600)
         gate = asyncio.Semaphore(concurrency)
 
@@ -105,12 +109,13 @@ def measure(server, model: str, requests: list[tuple[str, dict | None]], concurr
         timings = asyncio.run(run())
         wall = time.perf_counter() - start
     return {
-        "ttft_s": statistics.mean(t for t, _ in timings),
-        "latency_s": statistics.mean(total for _, total in timings),
+        "ttft_s": statistics.mean(t for t, _, _ in timings),
+        "latency_s": statistics.mean(total for _, total, _ in timings),
         "requests_per_s": len(requests) / wall,
         "peak_running": sampler.peak_running,
         "prefill_tokens_per_request": (metric(server.url, "vllm:prompt_tokens_total") - prompt_tokens) / len(requests),
         "peak_rss_gib": sampler.peak_rss / 2**30,
+        "texts": [text for _, _, text in timings],
     }
 
 
@@ -184,6 +189,7 @@ def main() -> None:
                     else:
                         request = (f"{prefix} {{{{context}}}} {question}", {"context": context, "chunk_size": chunk_size})
                     result = measure(server, model, [request] * count, concurrency, args.max_tokens)
+                    del result["texts"]
                     rows.append({"context": context_tokens, "concurrency": concurrency, "run": run, **result})
                     print(f"{context_tokens:>7} x{concurrency:<3} {run:<12} latency {result['latency_s']:.2f} s", flush=True)
 

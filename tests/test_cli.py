@@ -4,25 +4,21 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from vllm_oprm.engine.capture import PROCESSOR, WORKER_EXTENSION  # noqa: E402
 from vllm_oprm.entrypoints.cli import server_argv  # noqa: E402
 
 
 def test_serve_adds_oprm_to_vllms_arguments_and_environment():
     env = {}
     argv = server_argv(["serve", "/m", "--port", "8001", "--oprm-chunk-size", "500", "--oprm-idk", "Error"], env)
-    assert argv == [
-        "--model", "/m", "--port", "8001",
-        "--logits-processors", PROCESSOR, "--worker-extension-cls", WORKER_EXTENSION,
-    ]
+    assert argv == ["--model", "/m", "--port", "8001"]  # the allow-listed plugin adds its engine pieces
     assert env["OPRM_CHUNK_SIZE"] == "500" and env["OPRM_IDK"] == "Error"
     assert "oprm" in env["VLLM_PLUGINS"].split(",")
 
 
-def test_serve_keeps_the_users_processors_and_plugin_allow_list():
+def test_serve_keeps_the_users_arguments_and_plugin_allow_list():
     env = {"VLLM_PLUGINS": "other"}
-    argv = server_argv(["serve", "/m", "--logits-processors=my.mod:Proc"], env)
-    assert argv[argv.index("--logits-processors") + 1 : argv.index("--logits-processors") + 3] == [PROCESSOR, "my.mod:Proc"]
+    argv = server_argv(["serve", "/m", "--logits-processors=my.mod:Proc", "--worker-extension-cls", "my.Ext"], env)
+    assert argv == ["--model", "/m", "--logits-processors=my.mod:Proc", "--worker-extension-cls", "my.Ext"]
     assert env["VLLM_PLUGINS"] == "other,oprm"
 
 
@@ -40,7 +36,6 @@ def test_serve_prefix_cache_turns_on_vllms_prefix_caching():
     [
         ([], "usage: vllm-oprm serve"),
         (["run", "/m"], "usage: vllm-oprm serve"),
-        (["serve", "/m", "--worker-extension-cls", "my.Ext"], "needs --worker-extension-cls"),
         (["serve", "/m", "--oprm-chunk-size", "big"], "OPRM_CHUNK_SIZE must be an integer"),
         (["serve", "/m", "--oprm-prefix-cache", "sometimes"], "OPRM_PREFIX_CACHE must be true or false"),
     ],

@@ -54,7 +54,8 @@ def test_prompt_tail_priming_prints_the_same_text(tmp_path, kind):
 
 
 PATCHES = (
-    "cpu_mamba1", "cpu_mamba2_checkpoints", "cpu_ray", "detokenizer_prompt_tail", "model_configs", "runner_logits_processor"
+    "cpu_mamba1", "cpu_mamba2_checkpoints", "cpu_ray", "detokenizer_prompt_tail", "model_configs", "runner_logits_processor",
+    "serve_engine_args",
 )
 
 
@@ -70,7 +71,8 @@ def test_every_patch_names_its_vllm_releases_and_refuses_others(monkeypatch, nam
     assert set(patch.TARGET_VLLM) <= set(SUPPORTED_VLLM)
     monkeypatch.setattr(vllm, "__version__", "0.31.0")
     with pytest.raises(RuntimeError, match=rf"patches/{name}\.py targets vLLM .*found 0\.31\.0"):
-        patch.apply(*{"detokenizer_prompt_tail": ("key",), "model_configs": ([],), "runner_logits_processor": ("v1", "v2")}.get(name, ()))
+        patch.apply(*{"detokenizer_prompt_tail": ("key",), "model_configs": ([],), "runner_logits_processor": ("v1", "v2"),
+                      "serve_engine_args": ("proc", str)}.get(name, ()))
 
 
 def plugin_probe(version: str | None) -> dict:

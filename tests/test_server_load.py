@@ -2,10 +2,8 @@
 away during chunk prefill or decode, a request with more chunks than the engine has slots."""
 
 import asyncio
-import json
 import threading
 import time
-import urllib.request
 
 import pytest
 import torch
@@ -13,7 +11,7 @@ import torch
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
 
-from vllm_oprm.testing import build_model_dir, metric, oprm_server, words  # noqa: E402
+from vllm_oprm.testing import build_model_dir, collective_rpc, metric, oprm_server, words  # noqa: E402
 
 MAX_NUM_SEQS = 24
 GREEDY = {"max_tokens": 8, "temperature": 0.0}
@@ -142,12 +140,7 @@ def test_more_chunks_than_engine_slots_waits_and_completes(server):
 
 
 def records_in_workers(url):
-    request = urllib.request.Request(
-        url + "/collective_rpc", data=json.dumps({"method": "oprm_num_records"}).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=30) as reply:
-        return [int(count) for count in json.load(reply)["results"]]
+    return [int(count) for count in collective_rpc(url, "oprm_num_records")]
 
 
 def test_200_mixed_requests_with_errors_and_disconnects_leave_no_records(server):

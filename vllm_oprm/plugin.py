@@ -11,7 +11,8 @@ the vLLM releases it targets and is applied on those only. On any other vLLM
 nothing is registered (a warning says so) and the first use of an OPRM feature
 raises ``require_supported_vllm``'s error. Requests without OPRM options are
 untouched; OPRM's entropy processor and worker extension are added only by
-``OPRMLLM`` and ``vllm-oprm serve``.
+``OPRMLLM`` and by a server that allow-lists the ``oprm`` endpoint plugin
+(``VLLM_PLUGINS=oprm vllm serve``, or ``vllm-oprm serve``).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def register() -> None:
     from vllm import ModelRegistry
     from vllm.platforms import current_platform
 
-    from vllm_oprm.engine.capture import CAPTURE_KEY, PROCESSOR
+    from vllm_oprm.engine.capture import CAPTURE_KEY, PROCESSOR, oprm_worker_extension
     from vllm_oprm.engine.capture_v2 import PROCESSOR_V2
     from vllm_oprm.models.rwkv6_config import Rwkv6HFConfig
     from vllm_oprm.patches import (
@@ -68,6 +69,7 @@ def register() -> None:
         detokenizer_prompt_tail,
         model_configs,
         runner_logits_processor,
+        serve_engine_args,
         vllm_release,
     )
 
@@ -78,6 +80,7 @@ def register() -> None:
         ModelRegistry.register_model(architecture, path)
     detokenizer_prompt_tail.apply(CAPTURE_KEY)
     runner_logits_processor.apply(PROCESSOR, PROCESSOR_V2)
+    serve_engine_args.apply(PROCESSOR, oprm_worker_extension)
     if current_platform.is_cpu():
         for patch in (cpu_mamba1, cpu_mamba2_checkpoints, cpu_ray):
             if release in patch.TARGET_VLLM:

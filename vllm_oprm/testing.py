@@ -8,6 +8,7 @@ saved as a normal Hugging Face model directory.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import urllib.request
@@ -115,10 +116,11 @@ def same_words(engine_text: str, reference_text: str) -> bool:
 
 @contextlib.contextmanager
 def oprm_server(
-    model_dir: str, *server_args: str, timeout_s: float = 300, env: dict[str, str] | None = None
+    model_dir: str, *server_args: str, timeout_s: float = 300, env: dict[str, str] | None = None, launcher=None
 ) -> Iterator[LocalServer]:
-    """``vllm-oprm serve MODEL`` on 127.0.0.1 and a free port, stopped on exit (``.url``, ``.pid``)."""
-    server = start_local_server(model_dir, server_args, env=env, timeout_s=timeout_s)
+    """``vllm-oprm serve MODEL`` (or ``launcher MODEL``) on 127.0.0.1 and a free port, stopped on exit
+    (``.url``, ``.pid``)."""
+    server = start_local_server(model_dir, server_args, env=env, timeout_s=timeout_s, launcher=launcher)
     try:
         yield server
     finally:
@@ -135,3 +137,12 @@ def metric(url: str, name: str, **labels: str) -> float:
             total += float(value)
     return total
 
+
+def collective_rpc(url: str, method: str) -> list:
+    """Each worker's answer to ``method`` (as vLLM's ``POST /collective_rpc`` sends it: text), with
+    ``VLLM_SERVER_DEV_MODE=1``."""
+    request = urllib.request.Request(
+        url + "/collective_rpc", data=json.dumps({"method": method}).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        return json.load(reply)["results"]

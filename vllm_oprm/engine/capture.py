@@ -15,6 +15,8 @@ worker extension below: only (entropy, argmax) pairs travel.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
@@ -132,3 +134,34 @@ class OPRMWorkerExtension:
     def oprm_num_records(self) -> int:
         """How many first-token records wait to be taken (none once every request has ended)."""
         return len(_records)
+
+
+# vLLM takes one worker-extension class name. A user's own extension is kept by naming a class that
+# mixes both in: ``<this module>.OPRMWorkerExtensionWith:<the user's dotted name, dots as colons>``,
+# which vLLM resolves with ``getattr`` on this module in every worker process.
+_WITH = "OPRMWorkerExtensionWith:"
+
+
+def oprm_worker_extension(user_extension: str | None) -> str:
+    """The ``worker_extension_cls`` giving workers OPRM's methods and, if one is named, the user's."""
+    if not user_extension or user_extension == WORKER_EXTENSION or is_oprm_worker_extension(user_extension):
+        return user_extension or WORKER_EXTENSION
+    return f"{__name__}.{_WITH}{user_extension.replace('.', ':')}"
+
+
+def is_oprm_worker_extension(name: str | None) -> bool:
+    return name == WORKER_EXTENSION or (name or "").startswith(f"{__name__}.{_WITH}")
+
+
+@functools.cache
+def _with_user_extension(user_extension: str) -> type:
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+
+    user = resolve_obj_by_qualname(user_extension)
+    return type(f"OPRMWorkerExtensionWith{user.__name__}", (OPRMWorkerExtension, user), {})
+
+
+def __getattr__(name: str):
+    if name.startswith(_WITH):
+        return _with_user_extension(name[len(_WITH):].replace(":", "."))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

