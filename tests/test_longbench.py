@@ -12,6 +12,8 @@ pytest.importorskip("fuzzywuzzy")
 from benchmarks.longbench import prompts, run, score  # noqa: E402
 from vllm_oprm.testing import BOS_ID, IDK_ID, UNK_ID, build_tokenizer  # noqa: E402
 
+from harness_engine import llm, sent  # noqa: E402,F401 (fixtures)
+
 DATA = Path(__file__).parent / "data" / "longbench"
 
 # tests/data/longbench/pred, one dataset per metric, each item worked out by hand.
@@ -122,33 +124,6 @@ def test_missing_data_stops_before_the_engine(tmp_path):
                   "--out-dir", str(tmp_path), "--datasets", "hotpotqa,narrativeqa"])
 
 
-@pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    pytest.importorskip("vllm")
-    from vllm_oprm import OPRMLLM
-    from vllm_oprm.testing import build_model_dir
-
-    path = str(tmp_path_factory.mktemp("mamba2"))
-    build_model_dir("mamba2", path, seed=1)
-    engine = OPRMLLM(model=path, dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=16)
-    yield engine
-    engine.llm.llm_engine.engine_core.shutdown()
-
-
-@pytest.fixture
-def sent(llm, monkeypatch):
-    """Every prompt the runner hands to the engine."""
-    prompts_sent = []
-    generate = llm.generate
-
-    def recording(batch, *args, **kwargs):
-        prompts_sent.extend(batch)
-        return generate(batch, *args, **kwargs)
-
-    monkeypatch.setattr(llm, "generate", recording)
-    return prompts_sent
-
-
 def args(tmp_path, *extra):
     return ["--data-dir", str(DATA / "data"), "--model", "tiny", "--family", "plain", "--out-dir", str(tmp_path),
             "--chunk-size", "100", "--batch-size", "2", *extra]
@@ -192,7 +167,7 @@ def test_vanilla_sends_the_same_ids_cut_in_the_middle(llm, sent, tmp_path):
     family = prompts.FAMILIES["plain"]
     full = prompts.build_prompt("qmsum", item, family, llm.tokenizer, idk=False).tokenize(llm.tokenizer).vanilla_ids
     limit = 512 - prompts.MAX_NEW_TOKENS["qmsum"]
-    assert len(full) > limit and sent == [{"prompt_token_ids": full[: limit // 2] + full[-(limit // 2) :]}]
+    assert len(full) > limit and [prompt for prompt, _ in sent] == [{"prompt_token_ids": full[: limit // 2] + full[-(limit // 2) :]}]
     row = json.loads(lines(run_dir, "qmsum")[0])
     assert (row["num_chunks"], row["selected_chunk"]) == (None, None) and row["pred"]
 

@@ -34,11 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, help="first N items of each dataset")
     parser.add_argument("--batch-size", type=int, default=32, help="items per generate call (and per write)")
     parser.add_argument("--run-name", help="default: <model dir>-<family>-<oprm<L>|vanilla>[-e]")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--max-model-len", type=int)
-    parser.add_argument("--max-num-seqs", type=int)
-    parser.add_argument("--enforce-eager", action="store_true")
-    parser.add_argument("--trust-remote-code", action="store_true", help="RWKV6's tokenizer needs it")
+    add_engine_args(parser)
     args = parser.parse_args(argv)
     args.datasets = args.datasets.split(",") if args.datasets else list(DATASETS_E if args.e else DATASETS)
     unknown = [d for d in args.datasets if d not in DATASETS]
@@ -84,18 +80,48 @@ def run_dataset(llm, dataset: str, items: list[dict], out_path: Path, args: argp
             ids = [p.tokenize(llm.tokenizer).vanilla_ids for p in prompts]
             prompts = [{"prompt_token_ids": middle_truncate(i, limit)} for i in ids]
         outs = llm.generate(prompts, params, oprm=config)
-        lines = []
-        for item, out in zip(batch, outs):
-            row = {
+        append_rows(out_path, [
+            {
                 "_id": item["_id"], "pred": out.outputs[0].text, "answers": item["answers"],
-                "all_classes": item["all_classes"], "length": item["length"],
-                "num_chunks": None if out.oprm is None else out.oprm.num_chunks,
-                "selected_chunk": None if out.oprm is None else out.oprm.selected_chunk,
+                "all_classes": item["all_classes"], "length": item["length"], **chunk_choice(out),
             }
-            lines.append(json.dumps(row, ensure_ascii=False) + "\n")
-        with open(out_path, "a", encoding="utf-8") as f:
-            f.write("".join(lines))
+            for item, out in zip(batch, outs)
+        ])
     return len(todo)
+
+
+def chunk_choice(out) -> dict:
+    """OPRM's split and choice for a prediction row (None for a vanilla request)."""
+    return {
+        "num_chunks": None if out.oprm is None else out.oprm.num_chunks,
+        "selected_chunk": None if out.oprm is None else out.oprm.selected_chunk,
+    }
+
+
+def append_rows(path: Path, rows: list[dict]) -> None:
+    """One batch's rows, appended at once: a run stopped mid-way resumes from the last whole batch."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """The engine flags ``engine_from_args`` reads."""
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--max-model-len", type=int)
+    parser.add_argument("--max-num-seqs", type=int)
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--trust-remote-code", action="store_true", help="RWKV6's tokenizer needs it")
+
+
+def engine_from_args(args: argparse.Namespace):
+    """The ``OPRMLLM`` the engine flags describe (unset flags keep vLLM's defaults)."""
+    from vllm_oprm import OPRMLLM
+
+    engine_args = dict(
+        model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        enforce_eager=args.enforce_eager, trust_remote_code=args.trust_remote_code,
+    )
+    return OPRMLLM(**{k: v for k, v in engine_args.items() if v is not None})
 
 
 def main(argv=None, llm=None) -> Path:
@@ -107,13 +133,7 @@ def main(argv=None, llm=None) -> Path:
     if missing:  # before the engine's start-up, not after it
         raise SystemExit(f"missing data files: {', '.join(missing)}")
     if llm is None:
-        from vllm_oprm import OPRMLLM
-
-        engine_args = dict(
-            model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-            enforce_eager=args.enforce_eager, trust_remote_code=args.trust_remote_code,
-        )
-        llm = OPRMLLM(**{k: v for k, v in engine_args.items() if v is not None})
+        llm = engine_from_args(args)
     run_dir = args.out_dir / run_name(args)
     os.makedirs(run_dir, exist_ok=True)
     for dataset, path in paths.items():
