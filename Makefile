@@ -55,7 +55,8 @@ $(VENV_0_33)/.installed: setup.py $(VLLM_0_33_CPU)/requirements.txt
 demo: venv
 	$(PY) -m benchmarks.ar.demo
 
-# Regenerates every table and plot in benchmarks/results/ (about 35 minutes on 2 cores: model_speed about 10 of them, admission about 8).
+# Regenerates every table and plot in benchmarks/results/ (about 56 minutes on 2 cores: early_exit about 21 of them,
+# model_speed about 10, admission about 8).
 bench: venv
 	$(PY) -m benchmarks.ar.evaluate
 	$(PY) -m benchmarks.speed
@@ -64,6 +65,7 @@ bench: venv
 	$(PY) -m benchmarks.prefix_cache
 	$(PY) -m benchmarks.fanout_costs
 	$(PY) -m benchmarks.admission
+	$(PY) -m benchmarks.early_exit
 
 test: venv install-check
 	$(TEST_ENV) $(PY) -m pytest -q --durations=15 tests
