@@ -1,7 +1,7 @@
 """Opt-in early exit (``early_exit_entropy``) on the shipped associative-recall Mamba2: how much
 of the context it reads, what that costs in accuracy, and what it saves end to end.
 
-    .venv/bin/python -m benchmarks.early_exit      # ~15 min on 2 cores; needs VLLM_CPU_KVCACHE_SPACE
+    .venv/bin/python -m benchmarks.early_exit      # ~21 min on 2 cores; needs VLLM_CPU_KVCACHE_SPACE
 
 1. Sweep (offline ``OPRMLLM``): contexts of 64..512 key-value pairs (4..32 chunks of T=16
    pairs), one question each about a present key, IDK filter on ("Error"); accuracy and prefill

@@ -63,7 +63,7 @@ class ChunkSelector:
     num_chunks: int
     idk_token_ids: Iterable[int] = ()
     early_exit_entropy: float | None = None
-    stopped_early: bool = False
+    stopped_early: bool = field(default=False, init=False)  # set by stop_early()
     _entropies: dict[int, float] = field(default_factory=dict)
     _best_answering: tuple[float, int] | None = None
     _best_any: tuple[float, int] | None = None

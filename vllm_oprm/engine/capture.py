@@ -144,8 +144,10 @@ _WITH = "OPRMWorkerExtensionWith:"
 
 def oprm_worker_extension(user_extension: str | None) -> str:
     """The ``worker_extension_cls`` giving workers OPRM's methods and, if one is named, the user's."""
-    if not user_extension or user_extension == WORKER_EXTENSION or is_oprm_worker_extension(user_extension):
-        return user_extension or WORKER_EXTENSION
+    if not user_extension:
+        return WORKER_EXTENSION
+    if is_oprm_worker_extension(user_extension):
+        return user_extension
     return f"{__name__}.{_WITH}{user_extension.replace('.', ':')}"
 
 

@@ -25,7 +25,8 @@ class OPRMLLM:
     """An ``LLM`` whose ``generate`` also takes ``OPRMPrompt``s.
 
     ``OPRMLLM(model=..., **llm_kwargs)`` builds the ``LLM`` with OPRM's entropy
-    processor and worker extension (after, and mixed into, the caller's own). Every request, OPRM or plain, goes into the
+    processor and worker extension (after, and mixed into, the caller's own).
+    Every request, OPRM or plain, goes into the
     engine at once and is scheduled by vLLM's continuous batching; each OPRM
     prompt becomes one engine request per chunk. Results are ``RequestOutput``s
     in prompt order with an extra ``.oprm`` (``Selection``: ``num_chunks``,
