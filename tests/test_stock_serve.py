@@ -21,7 +21,7 @@ from vllm_oprm import OPRMConfig, OPRMPrompt  # noqa: E402
 from vllm_oprm.engine.capture import PROCESSOR, OPRMWorkerExtension, oprm_worker_extension  # noqa: E402
 from vllm_oprm.plugin import register  # noqa: E402
 from vllm_oprm.reference import OPRMGenerator  # noqa: E402
-from vllm_oprm.testing import build_model_dir, collective_rpc, metric, oprm_server, same_words, words  # noqa: E402
+from vllm_oprm.testing import build_model_dir, collective_rpc, importable_from, metric, oprm_server, same_words, words  # noqa: E402
 
 USER_PROCESSOR = "user_plugins:CountingProcessor"
 USER_EXTENSION = "user_plugins.UserExtension"
@@ -95,10 +95,9 @@ def test_stock_server_serves_oprm_with_the_users_processor_and_extension(tmp_pat
         "--dtype", "float32", "--enforce-eager", "--max-model-len", "1024", "--max-num-seqs", "8",
         "--logits-processors", USER_PROCESSOR, "--worker-extension-cls", USER_EXTENSION,
     ]
-    tests_dir = os.path.dirname(__file__)
     env = {
         "VLLM_PLUGINS": "oprm", "VLLM_SERVER_DEV_MODE": "1", "OPRM_CHUNK_SIZE": "16",
-        "PYTHONPATH": os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")])),
+        **importable_from(os.path.dirname(__file__)),
     }
     rng = torch.Generator().manual_seed(3)
     prefix, context, suffix = words(rng, 5), words(rng, 70), words(rng, 4)

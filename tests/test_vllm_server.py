@@ -3,6 +3,7 @@
 Every OPRM answer is checked against the reference backend on the same model.
 """
 
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,7 +15,9 @@ openai = pytest.importorskip("openai")
 
 from vllm_oprm import OPRMConfig, OPRMPrompt  # noqa: E402
 from vllm_oprm.reference import OPRMGenerator  # noqa: E402
-from vllm_oprm.testing import build_model_dir, metric, oprm_server, same_words, words  # noqa: E402
+from vllm_oprm.testing import build_model_dir, importable_from, metric, oprm_server, same_words, words  # noqa: E402
+
+from paced_decode import PACE_KEY  # noqa: E402
 
 CHUNK = 16  # the server default, set with --oprm-chunk-size
 MAX_MODEL_LEN = 2048
@@ -26,8 +29,11 @@ EXACT = {"ignore_eos": True, "return_token_ids": True}
 def server(request, tmp_path_factory):
     path = str(tmp_path_factory.mktemp(request.param))
     model, tokenizer = build_model_dir(request.param, path, seed=1)
-    args = ["--dtype", "float32", "--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "16"]
-    with oprm_server(path, *args, "--oprm-chunk-size", str(CHUNK)) as running:
+    args = [
+        "--dtype", "float32", "--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "16",
+        "--logits-processors", "paced_decode:PacedDecode", "--oprm-chunk-size", str(CHUNK),
+    ]
+    with oprm_server(path, *args, env=importable_from(os.path.dirname(__file__))) as running:
         url = running.url
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         yield url, client, path, OPRMGenerator(model, tokenizer)
@@ -44,9 +50,9 @@ def template(prefix, suffix):
     return f"{prefix} {{{{context}}}} {suffix}"
 
 
-def complete(server, prefix, context, suffix, oprm=None, **kwargs):
+def complete(server, prefix, context, suffix, oprm=None, xargs=None, **kwargs):
     _, client, path, _ = server
-    extra = {**EXACT, "oprm": {"context": context, **(oprm or {})}}
+    extra = {**EXACT, "oprm": {"context": context, **(oprm or {})}, "vllm_xargs": xargs}
     return client.completions.create(
         model=path, prompt=template(prefix, suffix), **{**GREEDY, **kwargs}, extra_body=extra
     )
@@ -204,7 +210,9 @@ def test_one_slot_while_decoding_and_disconnect_aborts(server):
     url = server[0]
     generated_before = metric(url, "vllm:generation_tokens_total")
     abandoned = metric(url, "oprm_requests_total", outcome="abandoned")
-    stream = complete(server, *layout(seed=13), max_tokens=MAX_MODEL_LEN - 64, stream=True)
+    # 10 ms a step: the full answer would take 20 s, the abort must come within its first 10
+    paced = {PACE_KEY: 0.01}
+    stream = complete(server, *layout(seed=13), max_tokens=MAX_MODEL_LEN - 64, stream=True, xargs=paced)
     for number, _ in enumerate(stream):
         if number == 2:  # selection made, the winner is decoding (the gauge follows engine steps: poll it)
             deadline = time.monotonic() + 5

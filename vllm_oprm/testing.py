@@ -127,6 +127,12 @@ def oprm_server(
         server.stop()
 
 
+def importable_from(directory: str) -> dict[str, str]:
+    """The environment entry that lets a server process import the modules in ``directory`` (a test's
+    logits processors and extensions)."""
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [directory, os.environ.get("PYTHONPATH")]))}
+
+
 def metric(url: str, name: str, **labels: str) -> float:
     """Sum of a Prometheus metric's samples on the server's ``/metrics`` that carry ``labels``."""
     with urllib.request.urlopen(url + "/metrics", timeout=10) as reply:
