@@ -1,6 +1,7 @@
 """Many questions on one long document: OPRM with vLLM's prefix cache of chunk states vs without.
 
     .venv/bin/python -m benchmarks.prefix_cache             # tiny Mamba2 on CPU, ~6 min
+    .venv/bin/python -m benchmarks.prefix_cache --family falcon_mamba --out benchmarks/results/prefix_cache_falcon_mamba
     .venv/bin/python -m benchmarks.prefix_cache --model DIR --server-args "--dtype bfloat16" --contexts 32000
 
 Two `vllm-oprm serve` runs on the same model: one with `--oprm-prefix-cache true`
@@ -82,7 +83,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", help="model directory (default: a tiny random Mamba2 built here)")
+    parser.add_argument("--model", help="model directory (default: a tiny random model of --family built here)")
+    parser.add_argument("--family", default="mamba2", help="the tiny model's family (vllm_oprm.testing.FAMILIES)")
     parser.add_argument("--server-args", default="--dtype float32 --enforce-eager", help="extra vllm serve args")
     parser.add_argument("--contexts", default="32000,128000")
     parser.add_argument("--chunk-size", type=int, default=2000)
@@ -99,7 +101,7 @@ def main() -> None:
     contexts = [int(c) for c in args.contexts.split(",")]
     model = args.model or tempfile.mkdtemp()
     if not args.model:
-        build_model_dir("mamba2", model)
+        build_model_dir(args.family, model)
     rng = torch.Generator().manual_seed(0)
     prefix = words(rng, 20)
     documents, lengths = [], []
@@ -150,7 +152,7 @@ def main() -> None:
             ratio = f"cold/no-cache TTFT {row['cold_vs_no_cache']:.2f}x"
         print(" | ".join(fmt.format(row[name]) for name, fmt in columns) + " | " + ratio)
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"date": time.strftime("%Y-%m-%d"), "model": args.model or "tiny random mamba2", "aligned_chunk_size": aligned,
+    meta = {"date": time.strftime("%Y-%m-%d"), "model": args.model or f"tiny random {args.family}", "aligned_chunk_size": aligned,
             "args": vars(args) | {"out": str(args.out)}}
     (args.out / "prefix_cache.json").write_text(json.dumps({**meta, "summary": summary, "requests": rows}, indent=1))
     plot(summary, args.out / "prefix_cache.png")

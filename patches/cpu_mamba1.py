@@ -5,8 +5,11 @@ vLLM 0.32.0 on CPU cannot run ``MambaMixer`` (Mamba1): prefill calls
 not handle Mamba1's [states, dim, dstate] layout; batched decode feeds a
 non-contiguous tensor to ``out_proj``. This patch replaces the two kernels as
 ``mamba_mixer`` sees them with step-by-step torch versions and makes the
-``out_proj`` input contiguous. Prefix caching of Mamba1 state (2-D cache
-indices) is not handled: an engine with it enabled fails at start-up.
+``out_proj`` input contiguous. Prefix caching works in vLLM's "align" mode
+(the one ``enable_prefix_caching`` turns on for Mamba1): the scheduler ends
+prefill steps on block boundaries and copies states between block slots, so
+the kernels see one state index per sequence as without it; the "all" mode's
+per-block indices are refused by the scan.
 """
 
 from __future__ import annotations
@@ -98,9 +101,6 @@ def apply() -> None:
 
     def init_with_contiguous_out_proj(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
-        if self.cache_config is not None and self.cache_config.mamba_cache_mode != "none":
-            raise ValueError("Mamba1 prefix caching is not supported on CPU by vllm-oprm's patch: "
-                             "start the engine without enable_prefix_caching")
         project = self.out_proj.forward
         self.out_proj.forward = lambda hidden, *a, **k: project(hidden.contiguous(), *a, **k)
 

@@ -1,4 +1,5 @@
-"""vLLM's prefix cache of Mamba2 states under OPRM (CPU build, patched), checked against engines without it.
+"""vLLM's prefix cache of Mamba2 and Mamba1 (Falcon-Mamba) states under OPRM (CPU build, patched), checked
+against engines without it.
 
 Cache hits are read from vLLM's per-request ``num_cached_tokens`` offline (two engines in one
 process share one Prometheus registry) and from the server's ``vllm:prefix_cache_hits_total``.
@@ -16,7 +17,9 @@ from vllm_oprm import OPRMConfig, OPRMPrompt  # noqa: E402
 from vllm_oprm.core import aligned_chunk_size  # noqa: E402
 from vllm_oprm.testing import build_model_dir, metric, oprm_server, words  # noqa: E402
 
-BLOCK = 32  # vLLM's --block-size: where Mamba2 states are cached
+BLOCK = 32  # vLLM's --block-size: where states are cached
+BOTH_FAMILIES = pytest.mark.parametrize("model_dir", ["mamba2", "falcon_mamba"], indirect=True)
+MAMBA2 = pytest.mark.parametrize("model_dir", ["mamba2"], indirect=True)
 CHUNK = 64
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=1024, max_num_seqs=16)
@@ -96,9 +99,9 @@ def test_torch_checkpoint_store_writes_conv_window_and_chunk_state():
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("mamba2"))
-    build_model_dir("mamba2", path, seed=1)
+def model_dir(request, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp(request.param))
+    build_model_dir(request.param, path, seed=1)
     return path
 
 
@@ -113,6 +116,7 @@ def engines(model_dir):
         engine.llm.llm_engine.engine_core.shutdown()
 
 
+@BOTH_FAMILIES
 def test_cached_engine_gives_the_logprobs_of_an_uncached_one(engines):
     """Prompts that span several blocks and share prefixes: the patched align-mode path gives the
     same greedy tokens and top-5 logprobs as an engine without prefix caching, and hits the cache."""
@@ -139,6 +143,7 @@ def document(seed):
     return prefix, context, [words(rng, 6) for _ in range(3)]
 
 
+@BOTH_FAMILIES
 @pytest.mark.parametrize("mode", ["select", "summarize"])
 def test_second_question_reuses_chunk_states_with_identical_answers(engines, mode):
     cached, plain = engines
@@ -177,6 +182,7 @@ def _chunks(total: int, size: int) -> list[range]:
     return [range(start, min(start + size, total)) for start in range(0, total, size)]
 
 
+@MAMBA2
 def test_prefix_cache_needs_an_engine_with_it(engines):
     prefix, context, questions = document(seed=9)
     with pytest.raises(ValueError, match="enable_prefix_caching"):
@@ -196,6 +202,7 @@ def test_rwkv6_refuses_prefix_caching_at_start(tmp_path, capfd):
 # -- the server: --oprm-prefix-cache ------------------------------------------------------------------
 
 
+@MAMBA2
 def test_server_reports_cached_tokens_and_engine_hits(model_dir, engines):
     prefix, context, questions = document(seed=10)
     plain = engines[1]
