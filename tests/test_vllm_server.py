@@ -18,6 +18,7 @@ from vllm_oprm.reference import OPRMGenerator  # noqa: E402
 from vllm_oprm.testing import build_model_dir, importable_from, metric, oprm_server, same_words, words  # noqa: E402
 
 from paced_decode import PACE_KEY  # noqa: E402
+from families import families  # noqa: E402
 
 CHUNK = 16  # the server default, set with --oprm-chunk-size
 MAX_MODEL_LEN = 2048
@@ -25,13 +26,14 @@ GREEDY = {"max_tokens": 10, "temperature": 0.0}
 EXACT = {"ignore_eos": True, "return_token_ids": True}
 
 
-@pytest.fixture(scope="module", params=["mamba2", "falcon_mamba", "rwkv6", "recurrent_gemma"])
+@pytest.fixture(scope="module", params=families("mamba2", "falcon_mamba", "rwkv6", "recurrent_gemma"))
 def server(request, tmp_path_factory):
     path = str(tmp_path_factory.mktemp(request.param))
     model, tokenizer = build_model_dir(request.param, path, seed=1)
     args = [
         "--dtype", "float32", "--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "16",
         "--logits-processors", "paced_decode:PacedDecode", "--oprm-chunk-size", str(CHUNK),
+        "--no-enable-prefix-caching",  # vLLM's default for hybrids is on; tests/test_prefix_cache.py serves with it
     ]
     with oprm_server(path, *args, env=importable_from(os.path.dirname(__file__))) as running:
         url = running.url

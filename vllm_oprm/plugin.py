@@ -75,7 +75,7 @@ def register() -> None:
 
     release = vllm_release()
     AutoConfig.register(Rwkv6HFConfig.model_type, Rwkv6HFConfig, exist_ok=True)
-    model_configs.apply(list(MODELS), without_prefix_caching=("RecurrentGemmaForCausalLM",))
+    model_configs.apply(list(MODELS))
     for architecture, path in MODELS.items():
         ModelRegistry.register_model(architecture, path)
     detokenizer_prompt_tail.apply(CAPTURE_KEY)

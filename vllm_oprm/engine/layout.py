@@ -41,7 +41,7 @@ def plan_request(
     if config.prefix_cache and cache_block_size is None:
         raise ValueError(
             "prefix_cache needs vLLM's prefix cache of recurrent states: start the engine with "
-            "enable_prefix_caching=True (--enable-prefix-caching) on a model that supports it (Mamba2, Mamba)"
+            "enable_prefix_caching=True (--enable-prefix-caching) on a model that supports it (Mamba2, Mamba, RWKV6, RecurrentGemma)"
         )
     block = cache_block_size if config.prefix_cache else None
     layout = build_rows(prompt.tokenize(tokenizer, add_special_tokens), config, block)

@@ -39,12 +39,12 @@ from vllm.model_executor.layers.linear import (
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
-from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid
+from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid, SupportsMambaPrefixCaching
 
 from ..ops.rglru import rglru_decode, rglru_varlen
 from ..ops.varlen import RowLayout
 from .parallel import rank_part
-from .state_cache import RecurrentStateLayer, layer_of, register_layer_op
+from .state_cache import RecurrentStateLayer, layer_of, register_layer_op, whole_state_copies
 
 RNN, CONV = range(2)  # order of a recurrent block's states (fp32 first: aligned views)
 
@@ -241,7 +241,11 @@ class RecurrentGemmaModel(nn.Module):
         return self.final_norm(hidden)
 
 
-class RecurrentGemmaForCausalLM(nn.Module, HasInnerState, IsHybrid):
+class RecurrentGemmaForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsMambaPrefixCaching):
+    @classmethod
+    def get_mamba_state_copy_func(cls) -> tuple:
+        return whole_state_copies(2)  # RNN, CONV
+
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         self.config = vllm_config.model_config.hf_config

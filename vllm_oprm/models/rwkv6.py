@@ -30,12 +30,12 @@ from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_pa
 from vllm.model_executor.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
-from vllm.model_executor.models.interfaces import HasInnerState, IsAttentionFree
+from vllm.model_executor.models.interfaces import HasInnerState, IsAttentionFree, SupportsMambaPrefixCaching
 
 from ..ops.wkv6 import wkv6_decode, wkv6_varlen
 from .parallel import checkpoint_sized, rank_part
 from .rwkv6_config import rwkv6_sizes
-from .state_cache import RecurrentStateLayer, layer_of, register_layer_op, token_shift
+from .state_cache import RecurrentStateLayer, layer_of, register_layer_op, token_shift, whole_state_copies
 
 WKV, ATT_SHIFT, FFN_SHIFT = range(3)  # order of a block's states (fp32 first: aligned views)
 
@@ -183,7 +183,11 @@ class Rwkv6Model(nn.Module):
         return self.ln_out(hidden)
 
 
-class Rwkv6ForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
+class Rwkv6ForCausalLM(nn.Module, HasInnerState, IsAttentionFree, SupportsMambaPrefixCaching):
+    @classmethod
+    def get_mamba_state_copy_func(cls) -> tuple:
+        return whole_state_copies(3)  # WKV, ATT_SHIFT, FFN_SHIFT
+
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         self.config = config = vllm_config.model_config.hf_config

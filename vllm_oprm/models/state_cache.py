@@ -10,6 +10,8 @@ state, and the prefill rows' ``RowLayout``. Layers read and write the state pool
 by index inside custom ops (``register_layer_op``), so torch.compile traces
 the rest of the model and the ops stay opaque; decodes use only fixed-size
 tensors (CUDA-graph capturable), prefills run every row in one varlen call.
+In vLLM's align mode (prefix caching) a step's slot is the block its last token falls in, and vLLM copies
+states between block slots (``whole_state_copies``): the layers still see one slot per row.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from vllm.config import VllmConfig
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.mamba.abstract import MambaBase
+from vllm.model_executor.layers.mamba.mamba_utils import get_temporal_copy_spec
 from vllm.utils.torch_utils import direct_register_custom_op
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionMetadataBuilder, CommonAttentionMetadata
 from vllm.v1.attention.backends.linear_attn import LinearAttentionBackend
@@ -104,10 +107,10 @@ class RecurrentStateLayer(MambaBase):
     After vLLM binds the cache, ``self.kv_cache[i][slot]`` is state ``i`` of the request in ``slot``."""
 
     def init_states(self, shapes, dtypes, vllm_config: VllmConfig, prefix: str) -> None:
-        if vllm_config.cache_config.mamba_cache_mode != "none":
+        if vllm_config.cache_config.mamba_cache_mode not in ("none", "align"):
             raise ValueError(
-                f"{vllm_config.model_config.architecture} does not support prefix caching in vllm-oprm "
-                "(it keeps one state per request): start the engine without enable_prefix_caching"
+                f"{vllm_config.model_config.architecture} in vllm-oprm caches states in vLLM's 'align' mode only "
+                f"(it writes one state per step), not {vllm_config.cache_config.mamba_cache_mode!r}"
             )
         self.prefix = prefix
         self._shapes, self._dtypes = tuple(shapes), tuple(dtypes)
@@ -161,6 +164,12 @@ class RecurrentStateLayer(MambaBase):
             carried = self.read_states(which, meta.slots_p, meta.continues_p)
             out[d : d + p] = meta.layout_p.shift(x[d : d + p], carried)
             self.write_states(which, meta.slots_p, x[d : d + p][meta.layout_p.last])
+
+
+def whole_state_copies(num_states: int) -> tuple:
+    """vLLM's align-mode prefix cache keeps a request's states in one slot per block and copies them to the
+    next block's slot when a step crosses a boundary; a ``RecurrentStateLayer``'s states are copied whole."""
+    return (get_temporal_copy_spec,) * num_states
 
 
 def layer_of(layer_name) -> RecurrentStateLayer:
