@@ -2,6 +2,7 @@
 
     .venv/bin/python -m benchmarks.prefix_cache             # tiny Mamba2 on CPU, ~6 min
     .venv/bin/python -m benchmarks.prefix_cache --family falcon_mamba --out benchmarks/results/prefix_cache_falcon_mamba
+    (the same for rwkv6 and recurrent_gemma, into prefix_cache_<family>)
     .venv/bin/python -m benchmarks.prefix_cache --model DIR --server-args "--dtype bfloat16" --contexts 32000
 
 Two `vllm-oprm serve` runs on the same model: one with `--oprm-prefix-cache true`
@@ -115,7 +116,8 @@ def main() -> None:
     base = [*shlex.split(args.server_args), "--max-model-len", str(aligned + 512), "--max-num-seqs", "256"]
     cached_args = [*base, "--block-size", str(args.block_size), "--oprm-prefix-cache", "true"]
     cached = run_server(model, cached_args, documents, {"chunk_size": args.chunk_size}, args.max_tokens)
-    uncached = run_server(model, base, documents, {"chunk_size": aligned}, args.max_tokens)
+    # vLLM turns prefix caching on by default for hybrids (RecurrentGemma): the baseline turns it off
+    uncached = run_server(model, [*base, "--no-enable-prefix-caching"], documents, {"chunk_size": aligned}, args.max_tokens)
 
     rows = []
     for context_tokens, with_cache, without in zip(lengths, cached, uncached):
