@@ -23,11 +23,15 @@ TORCH_CPU := torch==2.13.0+cpu
 ENGINE_TESTS := tests/test_patches.py tests/test_cli.py tests/test_vllm_offline.py tests/test_vllm_models.py \
 	tests/test_vllm_server.py tests/test_prefix_cache.py tests/test_data_parallel.py \
 	tests/test_capture_v2.py tests/test_runner_choice.py tests/test_async_fanout.py tests/test_stock_serve.py
-# The offline, served and prefix-cache engine tests of the plugin's families run on both legs for Mamba2 (vLLM's
-# own class) and RWKV6 (the plugin's state plumbing); Falcon-Mamba and RecurrentGemma run them on the 0.32 leg
-# and are shown as skipped on 0.33 (tests/families.py). tests/test_vllm_models.py checks every class on both.
-FAMILIES_0_33 := mamba2,rwkv6
-ENGINE_DESELECT := --deselect 'tests/test_data_parallel.py::test_oprm_requests_over_two_engines_equal_reference[ray]'
+# The offline, served and prefix-cache engine tests of the plugin's families (tests/families.py): Mamba2 (vLLM's
+# own class) and RWKV6 (the plugin's state plumbing) on both legs, Falcon-Mamba and RecurrentGemma on 0.32, RWKV7
+# on 0.33; each leg shows the others' as skipped. tests/test_vllm_models.py checks every class on both legs (RWKV7's
+# tensor-parallel case on 0.32). vLLM's own in-tree architectures (tests/test_in_tree_*.py) run on 0.33.
+FAMILIES_0_32 := mamba2,falcon_mamba,rwkv6,recurrent_gemma
+FAMILIES_0_33 := mamba2,rwkv6,rwkv7
+IN_TREE_TESTS := tests/test_in_tree_models.py tests/test_in_tree_server.py
+ENGINE_DESELECT := --deselect 'tests/test_data_parallel.py::test_oprm_requests_over_two_engines_equal_reference[ray]' \
+	--deselect 'tests/test_vllm_models.py::test_tensor_parallel_2_shards_the_model_and_equals_the_reference[rwkv7]'
 
 # The package installs on every Python both supported vLLM wheels take (3.11 to 3.14); the CPU path is tested on
 # 3.11, and install-check makes sure the GPU install resolves on 3.12 (a pip dry run: metadata only, no build).
@@ -78,10 +82,10 @@ test:
 	else echo "SKIPPED the vLLM 0.33 leg: $(VLLM_0_33_CPU) (a CPU build of vLLM 0.33) is not here; tested on vLLM 0.32 only"; fi
 
 test-vllm-0.32: venv
-	$(TEST_ENV) $(PY) -m pytest -q --durations=15 tests
+	$(TEST_ENV) OPRM_TEST_FAMILIES=$(FAMILIES_0_32) $(PY) -m pytest -q --durations=15 tests $(IN_TREE_TESTS:%=--ignore=%)
 
 test-vllm-0.33: $(VENV_0_33)/.installed
-	$(TEST_ENV) OPRM_TEST_FAMILIES=$(FAMILIES_0_33) $(VENV_0_33)/bin/python -m pytest -q --durations=15 $(ENGINE_TESTS) $(ENGINE_DESELECT)
+	$(TEST_ENV) OPRM_TEST_FAMILIES=$(FAMILIES_0_33) $(VENV_0_33)/bin/python -m pytest -q --durations=15 $(ENGINE_TESTS) $(IN_TREE_TESTS) $(ENGINE_DESELECT)
 
 install-check:
 	$(PYTHON_3_12) -m pip install -q --dry-run --ignore-installed --no-cache-dir '.[gpu]'

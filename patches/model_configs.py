@@ -14,7 +14,9 @@ from __future__ import annotations
 from . import check_target
 
 TARGET_VLLM = ("0.32.0", "0.33.0")
-STATE_OPS = ("vllm::oprm_token_shift", "vllm::oprm_rwkv6_wkv", "vllm::oprm_recurrent_gemma_rglru")
+STATE_OPS = (
+    "vllm::oprm_token_shift", "vllm::oprm_rwkv6_wkv", "vllm::oprm_rwkv7_wkv", "vllm::oprm_recurrent_gemma_rglru",
+)
 
 
 def apply(architectures: list[str]) -> None:

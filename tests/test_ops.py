@@ -72,7 +72,7 @@ def test_rglru_reference_equals_transformers_scan():
 
 
 def test_gpu_kernels_equal_references_in_triton_interpreter():
-    """The exact Triton code the GPU runs (our RG-LRU scan, fla's fused recurrent RWKV6),
+    """The exact Triton code the GPU runs (our RG-LRU scan, fla's fused recurrent RWKV6 and RWKV7),
     executed by Triton's CPU interpreter."""
     pytest.importorskip("triton")
     pytest.importorskip("fla")
@@ -80,6 +80,6 @@ def test_gpu_kernels_equal_references_in_triton_interpreter():
     done = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     errors = json.loads(done.stdout.strip().splitlines()[-1])
-    assert set(errors) == {"rglru_y", "rglru_h", "wkv6_out", "wkv6_state"}
+    assert set(errors) == {"rglru_y", "rglru_h", "wkv6_out", "wkv6_state", "wkv7_out", "wkv7_state"}
     assert max(errors.values()) < 1e-4, errors
 

@@ -54,7 +54,7 @@ def test_prompt_tail_priming_prints_the_same_text(tmp_path, kind):
 
 
 PATCHES = (
-    "cpu_mamba1", "cpu_mamba2_checkpoints", "cpu_ray", "detokenizer_prompt_tail", "model_configs", "runner_logits_processor",
+    "cpu_mamba1", "cpu_mamba2_checkpoints", "cpu_ray", "cpu_rotary_heads", "detokenizer_prompt_tail", "model_configs", "runner_logits_processor",
     "serve_engine_args",
 )
 
@@ -112,3 +112,39 @@ def test_unsupported_vllm_registers_nothing_and_oprm_names_the_supported_release
     probe = plugin_probe("0.34.0")
     assert probe["registered"] == []
     assert "vllm-oprm supports vLLM 0.32.0 and 0.33.0; found vLLM 0.34.0" in probe["error"]
+
+
+def per_head_rotary_inputs():
+    """A neox rotary embedding (head size 32) and 3-D query and key: two query heads, one key head."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding
+
+    with set_current_vllm_config(VllmConfig()):
+        rope = RotaryEmbedding(32, 32, 256, 10000.0, True, torch.float32)
+    rng = torch.Generator().manual_seed(0)
+    positions = torch.arange(3, 10)
+    return rope, positions, torch.randn(7, 2, 32, generator=rng), torch.randn(7, 1, 32, generator=rng)
+
+
+def test_cpu_rotary_kernel_still_mis_rotates_per_head_input():
+    """While this holds, patches/cpu_rotary_heads.py is needed; 2-D rows of the same numbers are exact."""
+    from vllm import _custom_ops as ops
+
+    rope, positions, query, key = per_head_rotary_inputs()
+    expected, _ = rope.forward_native(positions, query.clone(), key.clone())
+    per_head, rows = query.clone(), query.clone()
+    ops.rotary_embedding(positions, per_head, key.clone(), 32, rope.cos_sin_cache, True)
+    ops.rotary_embedding(positions, rows.view(7, -1), key.clone().view(7, -1), 32, rope.cos_sin_cache, True)
+    assert not torch.allclose(per_head, expected, atol=1e-3)
+    assert torch.allclose(rows, expected, atol=1e-5)
+
+
+def test_patched_cpu_rotary_equals_native_in_place():
+    from vllm_oprm.patches import cpu_rotary_heads
+
+    cpu_rotary_heads.apply()
+    rope, positions, query, key = per_head_rotary_inputs()
+    expected_query, expected_key = rope.forward_native(positions, query.clone(), key.clone())
+    rotated_query, rotated_key = rope.forward_cpu(positions, query, key)
+    assert rotated_query is query and rotated_key is key
+    assert torch.allclose(query, expected_query, atol=1e-5) and torch.allclose(key, expected_key, atol=1e-5)

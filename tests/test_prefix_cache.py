@@ -1,4 +1,4 @@
-"""vLLM's prefix cache of Mamba2, Mamba1 (Falcon-Mamba), RWKV6 and RecurrentGemma states under OPRM (CPU build,
+"""vLLM's prefix cache of Mamba2, Mamba1 (Falcon-Mamba), RWKV6, RecurrentGemma and RWKV7 states under OPRM (CPU build,
 patched), checked against engines without it.
 
 Cache hits are read from vLLM's per-request ``num_cached_tokens`` offline (two engines in one
@@ -20,7 +20,7 @@ from families import families  # noqa: E402
 
 BLOCK = 32  # vLLM's --block-size: where states are cached
 CACHED_FAMILIES = pytest.mark.parametrize(
-    "model_dir", families("mamba2", "falcon_mamba", "rwkv6", "recurrent_gemma"), indirect=True
+    "model_dir", families("mamba2", "falcon_mamba", "rwkv6", "recurrent_gemma", "rwkv7"), indirect=True
 )
 MAMBA2 = pytest.mark.parametrize("model_dir", families("mamba2"), indirect=True)
 CHUNK = 64

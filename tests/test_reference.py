@@ -6,6 +6,7 @@ import torch
 from vllm_oprm import OPRMConfig, OPRMPrompt
 from vllm_oprm.reference import OPRMGenerator
 from vllm_oprm.reference.rwkv6 import Rwkv6ForCausalLM
+from vllm_oprm.reference.rwkv7 import Rwkv7ForCausalLM
 from vllm_oprm.testing import EOS_ID, FAMILIES, build_model_dir, words
 
 NO_EOS = -1  # random tiny models may emit <eos>; parity runs use a fixed length
@@ -20,8 +21,8 @@ def family(request, tmp_path_factory):
 
 def vanilla_greedy(model, ids, max_new_tokens):
     """Greedy continuation the model's own way: transformers ``generate``, and for
-    the torch RWKV6 a loop that re-reads the whole sequence each step (no state)."""
-    if isinstance(model, Rwkv6ForCausalLM):
+    the torch RWKVs a loop that re-reads the whole sequence each step (no state)."""
+    if isinstance(model, (Rwkv6ForCausalLM, Rwkv7ForCausalLM)):
         seq = list(ids)
         with torch.no_grad():
             for _ in range(max_new_tokens):
@@ -58,7 +59,7 @@ def test_single_chunk_equals_vanilla_generate(family):
 def flat_state(family_name, gen, row_state, real_len):
     """Every tensor of one row's state; attention caches trimmed to the row's tokens."""
     state = row_state.state
-    if family_name == "rwkv6":
+    if family_name in ("rwkv6", "rwkv7"):
         return [state.att_shift, state.wkv, state.ffn_shift]
     if family_name == "recurrent_gemma":
         modules, cache = state
@@ -179,3 +180,22 @@ def test_bad_requests_raise_value_errors(family):
     with pytest.raises(ValueError, match="prompt is empty"):
         gen.generate([])
     assert EOS_ID == tokenizer.eos_token_id
+
+
+def test_generic_backend_gives_the_family_backends_answers(family, monkeypatch):
+    """The generic backend (the oracle for vLLM's in-tree models) on a model a family backend also runs."""
+    from vllm_oprm.reference import states
+
+    name, model, tokenizer, generator = family
+    if name in ("rwkv6", "rwkv7"):
+        pytest.skip("the torch RWKVs return (logits, state), not a transformers output")
+    prompt = long_prompt(tokenizer, seed=9, context_words=40)
+    config = OPRMConfig(chunk_size=16, max_batch_tokens=60)
+    family_answer = generator.generate(prompt, config, max_new_tokens=6, eos_token_id=NO_EOS)
+    monkeypatch.setattr(states, "_BACKENDS", {})
+    generic = OPRMGenerator(model, tokenizer)
+    assert isinstance(generic.backend, states.GenericBackend)
+    generic_answer = generic.generate(prompt, config, max_new_tokens=6, eos_token_id=NO_EOS)
+    assert generic_answer.token_ids == family_answer.token_ids
+    assert generic_answer.selected_chunk == family_answer.selected_chunk
+    assert generic_answer.entropies == pytest.approx(family_answer.entropies, abs=1e-4)

@@ -1,5 +1,5 @@
 """The model classes the plugin adds to vLLM (`vllm_oprm/models/`) against their references:
-RWKV6 against the torch reference, RecurrentGemma against transformers."""
+RWKV6 and RWKV7 against the torch references, RecurrentGemma against transformers."""
 
 import pytest
 import torch
@@ -14,7 +14,7 @@ from vllm_oprm.testing import build_model_dir, words  # noqa: E402
 STEPS = 24  # past RecurrentGemma's 16-token attention window
 
 
-@pytest.fixture(scope="module", params=["recurrent_gemma", "rwkv6"])
+@pytest.fixture(scope="module", params=["recurrent_gemma", "rwkv6", "rwkv7"])
 def engine_and_reference(request, tmp_path_factory):
     from vllm import LLM
 
@@ -37,7 +37,7 @@ def engine_and_reference(request, tmp_path_factory):
 def reference_greedy(model, ids: list[int]) -> tuple[list[int], torch.Tensor]:
     """Greedy tokens and the first token's log-probabilities, straight from the reference."""
     with torch.no_grad():
-        if hasattr(model, "backbone"):  # the torch RWKV6: carry its state by hand
+        if hasattr(model, "backbone"):  # the torch RWKV6 and RWKV7: carry their state by hand
             logits, state = model(torch.tensor([ids]))
             first = torch.log_softmax(logits[0, -1], dim=-1)
             tokens = [int(logits[0, -1].argmax())]
@@ -97,6 +97,17 @@ def rwkv6_partition_sizes(model) -> list[int]:
             block.attention.output.input_size_per_partition, block.get_state_shape()[0][0]]
 
 
+def rwkv7_partition_sizes(model) -> list[int]:
+    """On each rank: a channel mix's key outputs and value inputs, the head's vocabulary rows, a time mix's
+    key outputs, output inputs and decay LoRA outputs, its heads in the WKV state."""
+    block = model.model.layers[1]
+    attn = block.attn
+    return [block.ffn.key.output_size_per_partition, block.ffn.value.input_size_per_partition,
+            model.lm_head.weight.shape[0], attn.k_proj.output_size_per_partition,
+            attn.o_proj.input_size_per_partition, attn.w_lora.lora["2"].output_size_per_partition,
+            block.get_state_shape()[0][0]]
+
+
 def recurrent_gemma_partition_sizes(model) -> list[int]:
     """On each rank: the embedding's vocabulary rows, a recurrent block's x-branch outputs, conv channels,
     RG-LRU gate heads and state width, the attention's query heads and key/value heads, the MLP's outputs."""
@@ -107,7 +118,7 @@ def recurrent_gemma_partition_sizes(model) -> list[int]:
             model.model.layers[0].mlp_block.gate_up_proj.output_size_per_partition]
 
 
-@pytest.mark.parametrize("family", ["rwkv6", "recurrent_gemma"])
+@pytest.mark.parametrize("family", ["rwkv6", "rwkv7", "recurrent_gemma"])
 def test_tensor_parallel_2_shards_the_model_and_equals_the_reference(family, tmp_path, monkeypatch):
     from vllm import LLM
 
@@ -123,6 +134,10 @@ def test_tensor_parallel_2_shards_the_model_and_equals_the_reference(family, tmp
             inner, attn = c.intermediate_size // 2, c.attention_hidden_size // 2
             expected = [inner, inner, half_vocab, attn, attn, c.num_heads // 2]
             sizes = llm.apply_model(rwkv6_partition_sizes)
+        elif family == "rwkv7":
+            inner, hidden = c.intermediate_size // 2, c.hidden_size // 2
+            expected = [inner, inner, half_vocab, hidden, hidden, hidden, c.num_heads // 2]
+            sizes = llm.apply_model(rwkv7_partition_sizes)
         else:  # the one key/value head is replicated on both ranks
             lru = c.lru_width // 2
             expected = [half_vocab, lru, lru, c.num_attention_heads // 2, lru, c.num_attention_heads // 2, 1,

@@ -3,7 +3,6 @@
 import math
 
 import pytest
-import torch
 
 pytest.importorskip("vllm")
 
@@ -12,15 +11,17 @@ from vllm import SamplingParams  # noqa: E402
 from vllm_oprm import OPRMConfig, OPRMPrompt  # noqa: E402
 from vllm_oprm.core import build_rows  # noqa: E402
 from vllm_oprm.reference import OPRMGenerator  # noqa: E402
-from vllm_oprm.testing import build_model_dir, same_words, words  # noqa: E402
+from vllm_oprm.testing import build_model_dir, same_words  # noqa: E402
 
 from poisoned_logits import POISON_ID, PoisonFirstTokens  # noqa: E402
+from families import families  # noqa: E402
+from reference_checks import assert_same_as_reference, prompts  # noqa: E402
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 
 
-# FalconMamba runs through patches/, RWKV6 and RecurrentGemma through models/
-@pytest.fixture(scope="module", params=["mamba2", "falcon_mamba", "rwkv6", "recurrent_gemma"])
+# FalconMamba runs through patches/, RWKV6, RecurrentGemma and RWKV7 through models/
+@pytest.fixture(scope="module", params=families("mamba2", "falcon_mamba", "rwkv6", "recurrent_gemma", "rwkv7"))
 def mamba2(request, tmp_path_factory):
     path = str(tmp_path_factory.mktemp(request.param))
     model, tokenizer = build_model_dir(request.param, path, seed=1)
@@ -37,18 +38,6 @@ def llm(mamba2):
     )
     yield engine
     engine.llm.llm_engine.engine_core.shutdown()  # free the CPU before the next family's engine
-
-
-def prompts(seed, count, context_words=70):
-    rng = torch.Generator().manual_seed(seed)
-    return [OPRMPrompt(words(rng, 5), words(rng, context_words), words(rng, 4)) for _ in range(count)]
-
-
-def assert_same_as_reference(out, ref):
-    assert out.outputs[0].token_ids == ref.token_ids
-    assert same_words(out.outputs[0].text, ref.text)
-    assert (out.oprm.num_chunks, out.oprm.selected_chunk) == (ref.num_chunks, ref.selected_chunk)
-    assert out.oprm.entropies == pytest.approx(ref.entropies, abs=1e-4)
 
 
 @pytest.mark.parametrize("budget", [26, 60, 100_000])  # one row per batch, two rows, all rows

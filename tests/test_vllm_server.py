@@ -26,7 +26,7 @@ GREEDY = {"max_tokens": 10, "temperature": 0.0}
 EXACT = {"ignore_eos": True, "return_token_ids": True}
 
 
-@pytest.fixture(scope="module", params=families("mamba2", "falcon_mamba", "rwkv6", "recurrent_gemma"))
+@pytest.fixture(scope="module", params=families("mamba2", "falcon_mamba", "rwkv6", "recurrent_gemma", "rwkv7"))
 def server(request, tmp_path_factory):
     path = str(tmp_path_factory.mktemp(request.param))
     model, tokenizer = build_model_dir(request.param, path, seed=1)

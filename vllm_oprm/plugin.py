@@ -6,7 +6,7 @@ classes vLLM lacks (lazily, as ``"module:Class"`` strings) with their Hugging
 Face config classes, has chunk requests' detokenizers primed with their
 prompt's tail, gives OPRM's entropy processor to the model runner vLLM picks
 (V1 or Model Runner V2) and, on the CPU platform, applies the Mamba1, Mamba2
-prefix-caching and Ray-executor fixes: each a fix in ``patches/`` that names
+prefix-caching, Ray-executor and per-head rotary fixes: each a fix in ``patches/`` that names
 the vLLM releases it targets and is applied on those only. On any other vLLM
 nothing is registered (a warning says so) and the first use of an OPRM feature
 raises ``require_supported_vllm``'s error. Requests without OPRM options are
@@ -25,6 +25,7 @@ _registered = False
 SUPPORTED_VLLM = ("0.32.0", "0.33.0")  # releases the plugin and its patches were read against and tested on
 MODELS = {
     "Rwkv6ForCausalLM": "vllm_oprm.models.rwkv6:Rwkv6ForCausalLM",
+    "RWKV7ForCausalLM": "vllm_oprm.models.rwkv7:RWKV7ForCausalLM",
     "RecurrentGemmaForCausalLM": "vllm_oprm.models.recurrent_gemma:RecurrentGemmaForCausalLM",
 }
 
@@ -62,10 +63,12 @@ def register() -> None:
     from vllm_oprm.engine.capture import CAPTURE_KEY, PROCESSOR, oprm_worker_extension
     from vllm_oprm.engine.capture_v2 import PROCESSOR_V2
     from vllm_oprm.models.rwkv6_config import Rwkv6HFConfig
+    from vllm_oprm.models.rwkv7_config import Rwkv7HFConfig
     from vllm_oprm.patches import (
         cpu_mamba1,
         cpu_mamba2_checkpoints,
         cpu_ray,
+        cpu_rotary_heads,
         detokenizer_prompt_tail,
         model_configs,
         runner_logits_processor,
@@ -74,7 +77,8 @@ def register() -> None:
     )
 
     release = vllm_release()
-    AutoConfig.register(Rwkv6HFConfig.model_type, Rwkv6HFConfig, exist_ok=True)
+    for config_class in (Rwkv6HFConfig, Rwkv7HFConfig):
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
     model_configs.apply(list(MODELS))
     for architecture, path in MODELS.items():
         ModelRegistry.register_model(architecture, path)
@@ -82,6 +86,6 @@ def register() -> None:
     runner_logits_processor.apply(PROCESSOR, PROCESSOR_V2)
     serve_engine_args.apply(PROCESSOR, oprm_worker_extension)
     if current_platform.is_cpu():
-        for patch in (cpu_mamba1, cpu_mamba2_checkpoints, cpu_ray):
+        for patch in (cpu_mamba1, cpu_mamba2_checkpoints, cpu_ray, cpu_rotary_heads):
             if release in patch.TARGET_VLLM:
                 patch.apply()

@@ -18,7 +18,7 @@ import torch
 
 from .entrypoints.local_server import LocalServer, start_local_server
 
-FAMILIES = ("mamba", "falcon_mamba", "mamba2", "recurrent_gemma", "rwkv6")
+FAMILIES = ("mamba", "falcon_mamba", "mamba2", "recurrent_gemma", "rwkv6", "rwkv7")
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>", "Error")
 PAD_ID, BOS_ID, EOS_ID, UNK_ID, IDK_ID = range(5)
 
@@ -71,8 +71,21 @@ def tiny_config(family: str, vocab_size: int, **sizes):
     return config_class(**fields | ids | sizes)
 
 
+def spread_weights(model: torch.nn.Module) -> None:
+    """Redraw every projection and embedding wider than the usual init, so tokens and entropies vary."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                fan_in = module.weight.shape[0 if isinstance(module, torch.nn.Embedding) else 1]
+                module.weight.normal_(0.0, 2.0 * fan_in**-0.5)
+
+
 def build_model(family: str, path: str, vocab_size: int, seed: int = 0, **sizes):
-    """A tiny random model of ``family`` (``sizes`` override config fields), saved (float32) to ``path``."""
+    """A tiny random model of ``family`` (``sizes`` override config fields), saved (float32) to ``path``.
+
+    RWKV7 is built and saved by flash-linear-attention's own ``RWKV7ForCausalLM`` (its checkpoint
+    format); what is returned is the torch reference loaded back from ``path``, which runs without Triton.
+    """
     torch.manual_seed(seed)
     if family == "rwkv6":
         from .reference.rwkv6 import Rwkv6Config, Rwkv6ForCausalLM
@@ -80,18 +93,28 @@ def build_model(family: str, path: str, vocab_size: int, seed: int = 0, **sizes)
         tiny = dict(hidden_size=64, num_hidden_layers=2, head_size=16, intermediate_size=128)
         config = Rwkv6Config(vocab_size=vocab_size, bos_token_id=BOS_ID, eos_token_id=EOS_ID, **tiny | sizes)
         model = Rwkv6ForCausalLM(config).eval()
+    elif family == "rwkv7":
+        from fla.models import RWKV7Config, RWKV7ForCausalLM
+
+        tiny = dict(
+            hidden_size=64, num_hidden_layers=2, head_dim=16, hidden_ratio=2,
+            decay_low_rank_dim=8, a_low_rank_dim=8, v_low_rank_dim=8, gate_low_rank_dim=16,
+        )
+        ids = dict(pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID, tie_word_embeddings=False)
+        model = RWKV7ForCausalLM(RWKV7Config(vocab_size=vocab_size, **tiny | ids | sizes)).eval()
+        spread_weights(model)
     else:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_config(tiny_config(family, vocab_size, **sizes)).eval()
-        with torch.no_grad():  # spread random weights out so tokens and entropies vary
-            for module in model.modules():
-                if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
-                    fan_in = module.weight.shape[0 if isinstance(module, torch.nn.Embedding) else 1]
-                    module.weight.normal_(0.0, 2.0 * fan_in**-0.5)
+        spread_weights(model)
     if hasattr(model, "generation_config") and model.generation_config is not None:
         model.generation_config.pad_token_id = PAD_ID
     model.save_pretrained(path)
+    if family == "rwkv7":
+        from .reference.rwkv7 import Rwkv7ForCausalLM
+
+        return Rwkv7ForCausalLM.from_pretrained(path)
     return model
 
 

@@ -1,6 +1,9 @@
-"""Parameters the model classes share: a rank's part of a checkpoint tensor, or a tensor sized by the checkpoint."""
+"""Parameters the model classes share: a rank's part of a checkpoint tensor, or a tensor sized by the checkpoint;
+and the by-name weight loading of the classes whose parameters are named as in their checkpoints."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -32,3 +35,29 @@ def checkpoint_sized(dim: int | None = None, rank: int = 0, ranks: int = 1) -> n
 
     part.weight_loader = load
     return part
+
+
+def load_by_name(
+    module: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], family: str, skip: str | None
+) -> set[str]:
+    """Each checkpoint tensor into ``module``'s parameter of the same name, one tensor at a time (a sharded
+    parameter takes its rank's part through its ``weight_loader``); ``skip`` names a tensor to pass over (a head
+    tied to the embedding). A name the module lacks, or a parameter the checkpoint lacks, raises."""
+    params = dict(module.named_parameters())
+    loaded = set()
+    for name, tensor in weights:
+        if name == skip:
+            continue
+        if name not in params:
+            raise ValueError(f"unexpected {family} weight {name}")
+        param = params[name]
+        loader = getattr(param, "weight_loader", None)
+        if loader is not None:
+            loader(param, tensor)
+        else:
+            param.data.copy_(tensor)
+        loaded.add(name)
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise ValueError(f"checkpoint lacks {family} weights {missing[:3]}")
+    return loaded

@@ -33,7 +33,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, 
 from vllm.model_executor.models.interfaces import HasInnerState, IsAttentionFree, SupportsMambaPrefixCaching
 
 from ..ops.wkv6 import wkv6_decode, wkv6_varlen
-from .parallel import checkpoint_sized, rank_part
+from .parallel import checkpoint_sized, load_by_name, rank_part
 from .rwkv6_config import rwkv6_sizes
 from .state_cache import RecurrentStateLayer, layer_of, register_layer_op, token_shift, whole_state_copies
 
@@ -210,23 +210,7 @@ class Rwkv6ForCausalLM(nn.Module, HasInnerState, IsAttentionFree, SupportsMambaP
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """HF-named Finch weights, one tensor at a time; sharded parameters take their rank's part."""
-        params = dict(self.named_parameters())
-        loaded = set()
-        for name, tensor in weights:
-            if name == "head.weight" and self.config.tie_word_embeddings:
-                continue
-            if name not in params:
-                raise ValueError(f"unexpected RWKV6 weight {name}")
-            param = params[name]
-            loader = getattr(param, "weight_loader", None)
-            if loader is not None:
-                loader(param, tensor)
-            else:
-                param.data.copy_(tensor)
-            loaded.add(name)
-        missing = sorted(set(params) - loaded)
-        if missing:
-            raise ValueError(f"checkpoint lacks RWKV6 weights {missing[:3]}")
+        loaded = load_by_name(self, weights, "RWKV6", skip="head.weight" if self.config.tie_word_embeddings else None)
         self._rescale_for_half_precision()
         return loaded
 

@@ -1,4 +1,4 @@
-"""Exact OPRM on transformers models (and the torch RWKV6), CPU or GPU."""
+"""Exact OPRM on transformers models (and the torch RWKV6 and RWKV7), CPU or GPU."""
 
 from .generator import OPRMGenerator
 

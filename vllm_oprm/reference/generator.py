@@ -1,4 +1,4 @@
-"""OPRM generation on a transformers (or torch RWKV6) model: the exact reference."""
+"""OPRM generation on a transformers (or torch RWKV6 or RWKV7) model: the exact reference."""
 
 from __future__ import annotations
 
@@ -42,7 +42,8 @@ class OPRMGenerator:
 
     ``model`` is a transformers ``MambaForCausalLM``, ``FalconMambaForCausalLM``,
     ``Mamba2ForCausalLM``, ``RecurrentGemmaForCausalLM`` or the torch
-    ``vllm_oprm.reference.rwkv6.Rwkv6ForCausalLM``; ``tokenizer`` a transformers
+    ``vllm_oprm.reference.rwkv6.Rwkv6ForCausalLM`` or ``...rwkv7.Rwkv7ForCausalLM`` (batched family
+    backends), or any other transformers causal LM (the slow, exact generic backend); ``tokenizer`` a transformers
     tokenizer (or anything with ``encode``/``decode`` when prompts are text).
     """
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .rwkv6 import Rwkv6ForCausalLM
+from .rwkv7 import Rwkv7ForCausalLM
 
 TokenIds = list[int]
 
@@ -166,8 +167,28 @@ class RecurrentGemmaBackend(FamilyBackend):
         return out.logits[0, -1].float()
 
 
-class Rwkv6Backend(FamilyBackend):
-    """The torch RWKV6: explicit state tensors, pads masked inside the model."""
+class GenericBackend(FamilyBackend):
+    """Any transformers causal LM (transformers, hybrids, SSMs without a family backend): each row
+    runs alone, unpadded and without a cache, and every decode step re-runs the whole sequence.
+    Quadratic in the length, but exact by construction: an oracle for models no family backend knows."""
+
+    @torch.no_grad()
+    def _last_logits(self, ids: TokenIds) -> torch.Tensor:
+        return self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=False).logits[0, -1].float()
+
+    def prefill(self, rows):
+        return torch.stack([self._last_logits(row) for row in rows]), rows
+
+    def take(self, batch_state, row):
+        return RowState(list(batch_state[row]))
+
+    def step(self, row, token_id):
+        row.state.append(token_id)
+        return self._last_logits(row.state)
+
+
+class RwkvBackend(FamilyBackend):
+    """The torch RWKV6 and RWKV7: explicit state tensors, pads masked inside the model."""
 
     @torch.no_grad()
     def prefill(self, rows):
@@ -193,11 +214,8 @@ _BACKENDS = {
 
 
 def backend_for(model: torch.nn.Module, pad_token_id: int) -> FamilyBackend:
-    """The backend of a supported model class, or a ValueError naming the class."""
-    if isinstance(model, Rwkv6ForCausalLM):
-        return Rwkv6Backend(model, pad_token_id)
-    name = type(model).__name__
-    if name not in _BACKENDS:
-        supported = sorted([*_BACKENDS, Rwkv6ForCausalLM.__name__])
-        raise ValueError(f"model class {name} is not supported; supported: {supported}")
-    return _BACKENDS[name](model, pad_token_id)
+    """The family backend of ``model``'s class (batched, padded, cached), or for any other
+    transformers causal LM the slow, exact ``GenericBackend``."""
+    if isinstance(model, (Rwkv6ForCausalLM, Rwkv7ForCausalLM)):
+        return RwkvBackend(model, pad_token_id)
+    return _BACKENDS.get(type(model).__name__, GenericBackend)(model, pad_token_id)
