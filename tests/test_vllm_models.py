@@ -24,10 +24,11 @@ def engine_and_reference(request, tmp_path_factory):
     patch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model pickles a function to the worker
     patch.setenv("VLLM_CPU_CI_ENV", "0")  # CI traces other engines only; these compile with Inductor
     # A 64-token step budget splits the longer prompts over several steps (chunked prefill). vLLM's
-    # default compilation settings: the classes run compiled, RecurrentGemma without prefix caching.
+    # default settings: the classes run compiled, and RecurrentGemma (a hybrid) with prefix caching on.
     llm = LLM(model=path, dtype="float32", max_model_len=512, max_num_seqs=8, max_num_batched_tokens=64)
     config = llm.llm_engine.vllm_config
-    assert not config.model_config.enforce_eager and not config.cache_config.enable_prefix_caching
+    assert not config.model_config.enforce_eager
+    assert config.cache_config.enable_prefix_caching == (request.param == "recurrent_gemma")
     assert config.compilation_config.mode != CompilationMode.NONE and config.compilation_config.backend == "inductor"
     yield llm, model, tokenizer
     llm.llm_engine.engine_core.shutdown()
