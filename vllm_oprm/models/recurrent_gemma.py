@@ -46,7 +46,7 @@ from ..ops.varlen import RowLayout
 from .parallel import rank_part
 from .state_cache import RecurrentStateLayer, layer_of, register_layer_op, whole_state_copies
 
-RNN, CONV = range(2)  # order of a recurrent block's states (fp32 first: aligned views)
+STATES = (RNN, CONV) = range(2)  # order of a recurrent block's states (fp32 first: aligned views)
 
 # checkpoint name part -> (this model's stacked parameter, shard id)
 STACKED = {
@@ -244,7 +244,7 @@ class RecurrentGemmaModel(nn.Module):
 class RecurrentGemmaForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsMambaPrefixCaching):
     @classmethod
     def get_mamba_state_copy_func(cls) -> tuple:
-        return whole_state_copies(2)  # RNN, CONV
+        return whole_state_copies(len(STATES))
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()

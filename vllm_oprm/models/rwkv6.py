@@ -37,7 +37,7 @@ from .parallel import checkpoint_sized, load_by_name, rank_part
 from .rwkv6_config import rwkv6_sizes
 from .state_cache import RecurrentStateLayer, layer_of, register_layer_op, token_shift, whole_state_copies
 
-WKV, ATT_SHIFT, FFN_SHIFT = range(3)  # order of a block's states (fp32 first: aligned views)
+STATES = (WKV, ATT_SHIFT, FFN_SHIFT) = range(3)  # order of a block's states (fp32 first: aligned views)
 
 
 class Rwkv6TimeMix(nn.Module):
@@ -186,7 +186,7 @@ class Rwkv6Model(nn.Module):
 class Rwkv6ForCausalLM(nn.Module, HasInnerState, IsAttentionFree, SupportsMambaPrefixCaching):
     @classmethod
     def get_mamba_state_copy_func(cls) -> tuple:
-        return whole_state_copies(3)  # WKV, ATT_SHIFT, FFN_SHIFT
+        return whole_state_copies(len(STATES))
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()

@@ -36,7 +36,7 @@ from .parallel import load_by_name, rank_part
 from .rwkv7_config import rwkv7_sizes
 from .state_cache import RecurrentStateLayer, layer_of, register_layer_op, token_shift, whole_state_copies
 
-WKV, ATT_SHIFT, FFN_SHIFT = range(3)  # order of a block's states (fp32 first: aligned views)
+STATES = (WKV, ATT_SHIFT, FFN_SHIFT) = range(3)  # order of a block's states (fp32 first: aligned views)
 _FUSED_L2_EPS = 1e-6  # fla's fused l2 norm (``fuse_norm``) adds it under the square root
 
 
@@ -221,7 +221,7 @@ class Rwkv7Model(nn.Module):
 class RWKV7ForCausalLM(nn.Module, HasInnerState, IsAttentionFree, SupportsMambaPrefixCaching):
     @classmethod
     def get_mamba_state_copy_func(cls) -> tuple:
-        return whole_state_copies(3)  # WKV, ATT_SHIFT, FFN_SHIFT
+        return whole_state_copies(len(STATES))
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
