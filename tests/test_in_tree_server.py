@@ -1,5 +1,5 @@
 """OPRM through `vllm-oprm serve` on vLLM's own Falcon-H1 class (a hybrid): the served answer is the
-reference's."""
+reference's in every mode, and a context of one chunk is served exactly as vanilla."""
 
 import pytest
 
@@ -10,12 +10,14 @@ from vllm_oprm.reference import OPRMGenerator  # noqa: E402
 from vllm_oprm.testing import oprm_server  # noqa: E402
 
 from in_tree_models import build_in_tree_model_dir  # noqa: E402
-from test_vllm_server import CHUNK, assert_matches, complete, layout, reference  # noqa: E402
+from reference_checks import (  # noqa: E402
+    CHUNK, assert_matches, assert_served_mode_equals_reference, assert_served_single_chunk_equals_vanilla,
+    complete, layout, reference,
+)
 
 
 @pytest.fixture(scope="module", params=["falcon_h1"])  # the offline matrix has the rest
 def server(request, tmp_path_factory):
-    """The tuple test_vllm_server's helpers take: url, client, model path, reference."""
     path = str(tmp_path_factory.mktemp(request.param))
     model, tokenizer = build_in_tree_model_dir(request.param, path)
     args = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "8",
@@ -32,3 +34,12 @@ def test_served_select_equals_reference(server, budget):
     ref = reference(server, *parts, max_batch_tokens=budget)
     assert ref.num_chunks == 3
     assert_matches(out.choices[0], out.oprm, ref)
+
+
+@pytest.mark.parametrize("mode", ["summarize", "last"])
+def test_served_modes_equal_reference(server, mode):
+    assert_served_mode_equals_reference(server, mode, context_words=40)
+
+
+def test_served_single_chunk_equals_vanilla(server):
+    assert_served_single_chunk_equals_vanilla(server)

@@ -54,7 +54,7 @@ def test_prompt_tail_priming_prints_the_same_text(tmp_path, kind):
 
 
 PATCHES = (
-    "cpu_mamba1", "cpu_mamba2_checkpoints", "cpu_ray", "cpu_rotary_heads", "detokenizer_prompt_tail", "model_configs", "runner_logits_processor",
+    "cpu_mamba1", "cpu_mamba2_checkpoints", "cpu_ray", "cpu_rotary_heads", "detokenizer_prompt_tail", "hf_configs", "model_configs", "runner_logits_processor",
     "serve_engine_args",
 )
 
@@ -71,7 +71,7 @@ def test_every_patch_names_its_vllm_releases_and_refuses_others(monkeypatch, nam
     assert set(patch.TARGET_VLLM) <= set(SUPPORTED_VLLM)
     monkeypatch.setattr(vllm, "__version__", "0.31.0")
     with pytest.raises(RuntimeError, match=rf"patches/{name}\.py targets vLLM .*found 0\.31\.0"):
-        patch.apply(*{"detokenizer_prompt_tail": ("key",), "model_configs": ([],), "runner_logits_processor": ("v1", "v2"),
+        patch.apply(*{"detokenizer_prompt_tail": ("key",), "hf_configs": ([],), "model_configs": ([],), "runner_logits_processor": ("v1", "v2"),
                       "serve_engine_args": ("proc", str)}.get(name, ()))
 
 
@@ -79,10 +79,6 @@ def plugin_probe(version: str | None) -> dict:
     """Registers the plugin in a fresh interpreter (vLLM's registry is per process), optionally
     pretending to be another vLLM release; reports what it registered and, on a pretended release,
     what ``OPRMLLM`` says (on the real one it would start an engine)."""
-    import json
-    import subprocess
-    import sys
-
     script = f"""
 import json, vllm
 if {version!r}: vllm.__version__ = {version!r}
@@ -97,6 +93,15 @@ if {version!r}:
         probe["error"] = str(exc)
 print(json.dumps(probe))
 """
+    return fresh_interpreter(script)
+
+
+def fresh_interpreter(script: str) -> dict:
+    """What ``script``, run in a new Python process, prints as JSON on its last line."""
+    import json
+    import subprocess
+    import sys
+
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -112,6 +117,29 @@ def test_unsupported_vllm_registers_nothing_and_oprm_names_the_supported_release
     probe = plugin_probe("0.34.0")
     assert probe["registered"] == []
     assert "vllm-oprm supports vLLM 0.32.0 and 0.33.0; found vLLM 0.34.0" in probe["error"]
+
+
+def test_vllm_loads_the_plugin_configs_after_flash_linear_attention_registers_its_own(tmp_path):
+    """Importing fla registers its RWKV6Config and RWKV7Config for the same model types; vLLM must still load
+    the plugin's (patches/hf_configs.py), or RWKV7's max_model_len would be capped at fla's 2048."""
+    import json
+
+    pytest.importorskip("fla")
+    for model_type in ("rwkv6", "rwkv7"):
+        (tmp_path / model_type).mkdir()
+        config = {"model_type": model_type, "hidden_size": 64, "max_position_embeddings": 2048}
+        (tmp_path / model_type / "config.json").write_text(json.dumps(config))
+    loaded = fresh_interpreter(f"""
+import json
+from vllm_oprm import plugin
+plugin.register()
+import fla.models  # registers fla's config classes with transformers' AutoConfig
+from vllm.transformers_utils.config import get_config
+configs = {{t: get_config({str(tmp_path)!r} + "/" + t, trust_remote_code=False) for t in ("rwkv6", "rwkv7")}}
+print(json.dumps({{t: [type(c).__name__, getattr(c, "max_position_embeddings", None)] for t, c in configs.items()}}))
+""")
+    assert loaded["rwkv6"][0] == "Rwkv6HFConfig"
+    assert loaded["rwkv7"] == ["Rwkv7HFConfig", None]
 
 
 def per_head_rotary_inputs():

@@ -8,22 +8,21 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
 
-from vllm_oprm import OPRMConfig, OPRMPrompt  # noqa: E402
 from vllm_oprm.reference import OPRMGenerator  # noqa: E402
-from vllm_oprm.testing import build_model_dir, importable_from, metric, oprm_server, same_words, words  # noqa: E402
+from vllm_oprm.testing import build_model_dir, importable_from, metric, oprm_server  # noqa: E402
 
 from paced_decode import PACE_KEY  # noqa: E402
 from families import families  # noqa: E402
+from reference_checks import (  # noqa: E402
+    CHUNK, EXACT, GREEDY, assert_matches, assert_served_mode_equals_reference,
+    assert_served_single_chunk_equals_vanilla, complete, layout, reference, template,
+)
 
-CHUNK = 16  # the server default, set with --oprm-chunk-size
 MAX_MODEL_LEN = 2048
-GREEDY = {"max_tokens": 10, "temperature": 0.0}
-EXACT = {"ignore_eos": True, "return_token_ids": True}
 
 
 @pytest.fixture(scope="module", params=families("mamba2", "falcon_mamba", "rwkv6", "recurrent_gemma", "rwkv7"))
@@ -43,35 +42,6 @@ def server(request, tmp_path_factory):
         assert metric(url, "vllm:num_requests_waiting") == 0
 
 
-def layout(seed, context_words=70):
-    rng = torch.Generator().manual_seed(seed)
-    return words(rng, 5), words(rng, context_words), words(rng, 4)
-
-
-def template(prefix, suffix):
-    return f"{prefix} {{{{context}}}} {suffix}"
-
-
-def complete(server, prefix, context, suffix, oprm=None, xargs=None, **kwargs):
-    _, client, path, _ = server
-    extra = {**EXACT, "oprm": {"context": context, **(oprm or {})}, "vllm_xargs": xargs}
-    return client.completions.create(
-        model=path, prompt=template(prefix, suffix), **{**GREEDY, **kwargs}, extra_body=extra
-    )
-
-
-def reference(server, prefix, context, suffix, **config):
-    config = OPRMConfig(**{"chunk_size": CHUNK, **config})
-    return server[3].generate(OPRMPrompt(prefix, context, suffix), config, max_new_tokens=10, eos_token_id=-1)
-
-
-def assert_matches(choice, selection, ref):
-    assert choice.token_ids == ref.token_ids
-    assert same_words(choice.text if hasattr(choice, "text") else choice.message.content, ref.text)
-    assert (selection["num_chunks"], selection["selected_chunk"]) == (ref.num_chunks, ref.selected_chunk)
-    assert selection["entropies"] == pytest.approx(ref.entropies, abs=1e-4)
-
-
 @pytest.mark.parametrize("budget", [26, 60, 100_000])  # one row per batch, two rows, all rows
 def test_completion_select_equals_reference(server, budget):
     parts = layout(seed=budget)
@@ -83,12 +53,7 @@ def test_completion_select_equals_reference(server, budget):
 
 @pytest.mark.parametrize("mode", ["summarize", "last"])
 def test_completion_modes_equal_reference(server, mode):
-    parts = layout(seed=7)
-    out = complete(server, *parts, oprm={"mode": mode})
-    ref = reference(server, *parts, mode=mode)
-    assert_matches(out.choices[0], out.oprm, ref)
-    if mode == "summarize":
-        assert out.choices[0].text.count("\n") == ref.num_chunks - 1
+    assert_served_mode_equals_reference(server, mode)
 
 
 def test_idk_text_drops_chunks(server):
@@ -121,15 +86,7 @@ def test_early_exit_reads_the_chunks_the_reference_reads_and_is_counted(server, 
 
 
 def test_single_chunk_equals_vanilla(server):
-    prefix, context, suffix = layout(seed=11, context_words=CHUNK - 3)
-    out = complete(server, prefix, context, suffix)
-    _, client, path, _ = server
-    vanilla = client.completions.create(model=path, prompt=f"{prefix} {context} {suffix}", **GREEDY, extra_body=EXACT)
-    assert out.oprm["num_chunks"] == 1
-    assert out.choices[0].token_ids == vanilla.choices[0].token_ids
-    assert out.choices[0].text == vanilla.choices[0].text
-    assert out.usage.prompt_tokens == vanilla.usage.prompt_tokens
-    assert "oprm" not in vanilla.model_extra
+    assert_served_single_chunk_equals_vanilla(server)
 
 
 @pytest.mark.parametrize("mode", ["select", "summarize"])

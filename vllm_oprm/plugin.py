@@ -56,7 +56,6 @@ def register() -> None:
     if reason is not None:
         logger.warning("%s: nothing registered, OPRM features will refuse to start", reason)
         return
-    from transformers import AutoConfig
     from vllm import ModelRegistry
     from vllm.platforms import current_platform
 
@@ -70,6 +69,7 @@ def register() -> None:
         cpu_ray,
         cpu_rotary_heads,
         detokenizer_prompt_tail,
+        hf_configs,
         model_configs,
         runner_logits_processor,
         serve_engine_args,
@@ -77,8 +77,7 @@ def register() -> None:
     )
 
     release = vllm_release()
-    for config_class in (Rwkv6HFConfig, Rwkv7HFConfig):
-        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    hf_configs.apply([Rwkv6HFConfig, Rwkv7HFConfig])
     model_configs.apply(list(MODELS))
     for architecture, path in MODELS.items():
         ModelRegistry.register_model(architecture, path)

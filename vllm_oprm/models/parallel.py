@@ -38,22 +38,33 @@ def checkpoint_sized(dim: int | None = None, rank: int = 0, ranks: int = 1) -> n
 
 
 def load_by_name(
-    module: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], family: str, skip: str | None
+    module: nn.Module,
+    weights: Iterable[tuple[str, torch.Tensor]],
+    family: str,
+    skip: str | None,
+    stacked: dict[str, tuple[str, int | str]] | None = None,
 ) -> set[str]:
     """Each checkpoint tensor into ``module``'s parameter of the same name, one tensor at a time (a sharded
     parameter takes its rank's part through its ``weight_loader``); ``skip`` names a tensor to pass over (a head
-    tied to the embedding). A name the module lacks, or a parameter the checkpoint lacks, raises."""
+    tied to the embedding). ``stacked`` maps a checkpoint name part to vLLM's merged parameter and the shard it
+    fills (``q_proj`` to ``("qkv_proj", "q")``). A name the module lacks, or a parameter the checkpoint lacks,
+    raises."""
     params = dict(module.named_parameters())
     loaded = set()
     for name, tensor in weights:
         if name == skip:
             continue
+        shard = ()
+        for part, (merged, shard_id) in (stacked or {}).items():
+            if f".{part}." in name:
+                name, shard = name.replace(f".{part}.", f".{merged}."), (shard_id,)
+                break
         if name not in params:
             raise ValueError(f"unexpected {family} weight {name}")
         param = params[name]
         loader = getattr(param, "weight_loader", None)
         if loader is not None:
-            loader(param, tensor)
+            loader(param, tensor, *shard)
         else:
             param.data.copy_(tensor)
         loaded.add(name)

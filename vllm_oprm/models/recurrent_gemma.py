@@ -43,12 +43,12 @@ from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid, Suppo
 
 from ..ops.rglru import rglru_decode, rglru_varlen
 from ..ops.varlen import RowLayout
-from .parallel import rank_part
+from .parallel import load_by_name, rank_part
 from .state_cache import RecurrentStateLayer, layer_of, register_layer_op, whole_state_copies
 
 STATES = (RNN, CONV) = range(2)  # order of a recurrent block's states (fp32 first: aligned views)
 
-# checkpoint name part -> (this model's stacked parameter, shard id)
+# checkpoint name part -> (this model's stacked parameter, shard id), for load_by_name
 STACKED = {
     "q_proj": ("qkv_proj", "q"),
     "k_proj": ("qkv_proj", "k"),
@@ -275,28 +275,5 @@ class RecurrentGemmaForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsMamb
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """transformers' checkpoint names; q/k/v and gate/up go into their stacked layers."""
-        params = dict(self.named_parameters())
-        loaded = set()
-        for name, tensor in weights:
-            if name == "lm_head.weight" and self.config.tie_word_embeddings:
-                continue
-            shard = None
-            for part, (stacked, shard_id) in STACKED.items():
-                if f".{part}." in name:
-                    name, shard = name.replace(f".{part}.", f".{stacked}."), shard_id
-                    break
-            if name not in params:
-                raise ValueError(f"unexpected RecurrentGemma weight {name}")
-            param = params[name]
-            loader = getattr(param, "weight_loader", None)
-            if shard is not None:
-                loader(param, tensor, shard)
-            elif loader is not None:
-                loader(param, tensor)
-            else:
-                param.data.copy_(tensor)
-            loaded.add(name)
-        missing = sorted(set(params) - loaded - ({"lm_head.weight"} if self.config.tie_word_embeddings else set()))
-        if missing:
-            raise ValueError(f"checkpoint lacks RecurrentGemma weights {missing[:3]}")
-        return loaded
+        skip = "lm_head.weight" if self.config.tie_word_embeddings else None
+        return load_by_name(self, weights, "RecurrentGemma", skip, stacked=STACKED)
