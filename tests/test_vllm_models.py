@@ -157,6 +157,45 @@ def test_tensor_parallel_2_shards_the_model_and_equals_the_reference(family, tmp
         llm.llm_engine.engine_core.shutdown()
 
 
+def test_rwkv7_checkpoint_with_stacked_token_shift_mixes_loads_the_same(tmp_path):
+    """fla's first RWKV7 format: each time mix's six token-shift mixes stacked in one ``attn.x_x``. fla's init
+    makes the six alike, so they are redrawn apart first (the reference reads them from the split names)."""
+    from safetensors.torch import load_file, save_file
+    from vllm import LLM
+
+    from vllm_oprm.reference.rwkv7 import Rwkv7ForCausalLM
+
+    _, tokenizer = build_model_dir("rwkv7", str(tmp_path), seed=3)
+    (file,) = tmp_path.glob("*.safetensors")
+    weights = load_file(file)
+    mixes = ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g")  # x_x's rows, as fla 0.6's load_state_dict reads them
+    rng = torch.Generator().manual_seed(5)
+    stacked = {}
+    for name in [name for name in weights if name.endswith(".attn.x_r")]:
+        attn = name.removesuffix(".x_r")
+        for mix in mixes:
+            weights[f"{attn}.{mix}"] = torch.rand(weights[name].shape, generator=rng)
+        stacked[f"{attn}.x_x"] = torch.stack([weights[f"{attn}.{mix}"].flatten() for mix in mixes])
+    assert stacked
+    save_file(weights, file, metadata={"format": "pt"})
+    model = Rwkv7ForCausalLM.from_pretrained(str(tmp_path))
+    split = {f"{name.removesuffix('.x_x')}.{mix}" for name in stacked for mix in mixes}
+    weights = {name: tensor for name, tensor in weights.items() if name not in split}
+    save_file(weights | stacked, file, metadata={"format": "pt"})
+    llm = LLM(model=str(tmp_path), dtype="float32", max_model_len=512, max_num_seqs=8, enforce_eager=True,
+              enable_prefix_caching=False)
+    try:
+        ids = tokenizer.encode(words(torch.Generator().manual_seed(4), 40))
+        params = SamplingParams(max_tokens=STEPS, temperature=0.0, ignore_eos=True, logprobs=5)
+        completion = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0].outputs[0]
+        tokens, first = reference_greedy(model, ids)
+        assert list(completion.token_ids) == tokens
+        for token_id, logprob in completion.logprobs[0].items():
+            assert logprob.logprob == pytest.approx(first[token_id].item(), abs=1e-4)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+
+
 def state_dtypes(model) -> list[tuple[str, ...]]:
     """Per recurrent layer, the dtype of each of its states, in the block's state order."""
     from vllm_oprm.models.state_cache import RecurrentStateLayer

@@ -246,4 +246,19 @@ class RWKV7ForCausalLM(nn.Module, HasInnerState, IsAttentionFree, SupportsMambaP
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """fla-named RWKV7 weights, one tensor at a time; sharded parameters take their rank's part."""
-        return load_by_name(self, weights, "RWKV7", skip="lm_head.weight" if self.config.tie_word_embeddings else None)
+        skip = "lm_head.weight" if self.config.tie_word_embeddings else None
+        return load_by_name(self, split_token_shift_mixes(weights), "RWKV7", skip)
+
+
+TOKEN_SHIFT_MIXES = ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g")  # the rows of the old stacked x_x
+
+
+def split_token_shift_mixes(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterable[tuple[str, torch.Tensor]]:
+    """fla's first RWKV7 checkpoints stack a time mix's six token-shift mixes in one ``attn.x_x`` [6, hidden];
+    fla 0.6 splits it when it loads one (``RWKV7ForCausalLM.load_state_dict``), and so does this."""
+    for name, tensor in weights:
+        if name.endswith(".attn.x_x"):
+            for mix, part in zip(TOKEN_SHIFT_MIXES, tensor):
+                yield name.removesuffix("x_x") + mix, part.reshape(1, 1, -1)
+        else:
+            yield name, tensor
