@@ -82,8 +82,9 @@ def test_uneven_batched_prefill_matches_each_row_alone(family):
         torch.testing.assert_close(logits[i], alone_logits[0], atol=1e-5, rtol=0)
         padded, single = gen.backend.take(batch_state, i), gen.backend.take(alone_state, 0)
         for a, b in zip(flat_state(name, gen, padded, len(row)), flat_state(name, gen, single, len(row)), strict=True):
-            # states reach |25|, where one float32 ulp is 2e-6: allow 1e-6 relative on top of 1e-5
-            torch.testing.assert_close(a.float(), b.float(), atol=1e-5, rtol=1e-6)
+            # states reach |25|, where one float32 ulp is 2e-6: allow 1e-6 relative on top of 2e-5 (a CI run
+            # saw 1.03e-5 on one RWKV7 element of 2048: sums in another order, padded or not)
+            torch.testing.assert_close(a.float(), b.float(), atol=2e-5, rtol=1e-6)
         for token in (11, 42, 7):  # decoding on from the padded row stays on the row's own track
             torch.testing.assert_close(gen.backend.step(padded, token), gen.backend.step(single, token), atol=1e-5, rtol=0)
 
