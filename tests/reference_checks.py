@@ -56,6 +56,14 @@ def assert_matches(choice, selection, ref):
     assert selection["entropies"] == pytest.approx(ref.entropies, abs=1e-4)
 
 
+def assert_served_select_equals_reference(server, budget, context_words, num_chunks):
+    parts = layout(seed=budget, context_words=context_words)
+    out = complete(server, *parts, oprm={"max_batch_tokens": budget})
+    ref = reference(server, *parts, max_batch_tokens=budget)
+    assert ref.num_chunks == num_chunks
+    assert_matches(out.choices[0], out.oprm, ref)
+
+
 def assert_served_mode_equals_reference(server, mode, context_words=70):
     parts = layout(seed=7, context_words=context_words)
     out = complete(server, *parts, oprm={"mode": mode})

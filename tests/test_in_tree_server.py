@@ -11,8 +11,8 @@ from vllm_oprm.testing import oprm_server  # noqa: E402
 
 from in_tree_models import build_in_tree_model_dir  # noqa: E402
 from reference_checks import (  # noqa: E402
-    CHUNK, assert_matches, assert_served_mode_equals_reference, assert_served_single_chunk_equals_vanilla,
-    complete, layout, reference,
+    CHUNK, assert_served_mode_equals_reference, assert_served_select_equals_reference,
+    assert_served_single_chunk_equals_vanilla,
 )
 
 
@@ -29,11 +29,7 @@ def server(request, tmp_path_factory):
 
 @pytest.mark.parametrize("budget", [40, 100_000])  # one row per batch, all rows in one
 def test_served_select_equals_reference(server, budget):
-    parts = layout(seed=budget, context_words=40)
-    out = complete(server, *parts, oprm={"max_batch_tokens": budget})
-    ref = reference(server, *parts, max_batch_tokens=budget)
-    assert ref.num_chunks == 3
-    assert_matches(out.choices[0], out.oprm, ref)
+    assert_served_select_equals_reference(server, budget, context_words=40, num_chunks=3)
 
 
 @pytest.mark.parametrize("mode", ["summarize", "last"])

@@ -52,19 +52,24 @@ def reference_greedy(model, ids: list[int]) -> tuple[list[int], torch.Tensor]:
         return out[0, len(ids) :].tolist(), first
 
 
-def test_greedy_and_first_token_logprobs_equal_the_reference(engine_and_reference):
-    llm, model, tokenizer = engine_and_reference
-    rng = torch.Generator().manual_seed(0)
-    # A one-token prompt (scheduled like a decode, from a fresh state), short ones, longer ones.
-    prompts = [[7]] + [tokenizer.encode(words(rng, n)) for n in (5, 40, 150, 300)]
+def assert_equals_reference(llm, model, prompts: list[list[int]]) -> None:
+    """In one batch: greedy tokens and the first token's top-5 logprobs (1e-4) == the reference's."""
     params = SamplingParams(max_tokens=STEPS, temperature=0.0, ignore_eos=True, logprobs=5)
     outs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
-    for ids, out in zip(prompts, outs):  # all in one batch: decodes next to prefills
+    for ids, out in zip(prompts, outs, strict=True):
         tokens, first = reference_greedy(model, ids)
         completion = out.outputs[0]
         assert list(completion.token_ids) == tokens
         for token_id, logprob in completion.logprobs[0].items():
             assert logprob.logprob == pytest.approx(first[token_id].item(), abs=1e-4)
+
+
+def test_greedy_and_first_token_logprobs_equal_the_reference(engine_and_reference):
+    llm, model, tokenizer = engine_and_reference
+    rng = torch.Generator().manual_seed(0)
+    # A one-token prompt (scheduled like a decode, from a fresh state), short ones, longer ones.
+    prompts = [[7]] + [tokenizer.encode(words(rng, n)) for n in (5, 40, 150, 300)]
+    assert_equals_reference(llm, model, prompts)  # all in one batch: decodes next to prefills
 
 
 
@@ -147,12 +152,7 @@ def test_tensor_parallel_2_shards_the_model_and_equals_the_reference(family, tmp
         assert sizes == [expected] * 2
         rng = torch.Generator().manual_seed(1)
         prompts = [[7]] + [tokenizer.encode(words(rng, n)) for n in (5, 150)]
-        params = SamplingParams(max_tokens=STEPS, temperature=0.0, ignore_eos=True, logprobs=5)
-        for ids, out in zip(prompts, llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)):
-            tokens, first = reference_greedy(model, ids)
-            assert list(out.outputs[0].token_ids) == tokens
-            for token_id, logprob in out.outputs[0].logprobs[0].items():
-                assert logprob.logprob == pytest.approx(first[token_id].item(), abs=1e-4)
+        assert_equals_reference(llm, model, prompts)
     finally:
         llm.llm_engine.engine_core.shutdown()
 
@@ -185,13 +185,7 @@ def test_rwkv7_checkpoint_with_stacked_token_shift_mixes_loads_the_same(tmp_path
     llm = LLM(model=str(tmp_path), dtype="float32", max_model_len=512, max_num_seqs=8, enforce_eager=True,
               enable_prefix_caching=False)
     try:
-        ids = tokenizer.encode(words(torch.Generator().manual_seed(4), 40))
-        params = SamplingParams(max_tokens=STEPS, temperature=0.0, ignore_eos=True, logprobs=5)
-        completion = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0].outputs[0]
-        tokens, first = reference_greedy(model, ids)
-        assert list(completion.token_ids) == tokens
-        for token_id, logprob in completion.logprobs[0].items():
-            assert logprob.logprob == pytest.approx(first[token_id].item(), abs=1e-4)
+        assert_equals_reference(llm, model, [tokenizer.encode(words(torch.Generator().manual_seed(4), 40))])
     finally:
         llm.llm_engine.engine_core.shutdown()
 

@@ -18,7 +18,7 @@ from vllm_oprm.testing import build_model_dir, importable_from, metric, oprm_ser
 from paced_decode import PACE_KEY  # noqa: E402
 from families import families  # noqa: E402
 from reference_checks import (  # noqa: E402
-    CHUNK, EXACT, GREEDY, assert_matches, assert_served_mode_equals_reference,
+    CHUNK, EXACT, GREEDY, assert_matches, assert_served_mode_equals_reference, assert_served_select_equals_reference,
     assert_served_single_chunk_equals_vanilla, complete, layout, reference, template,
 )
 
@@ -44,11 +44,7 @@ def server(request, tmp_path_factory):
 
 @pytest.mark.parametrize("budget", [26, 60, 100_000])  # one row per batch, two rows, all rows
 def test_completion_select_equals_reference(server, budget):
-    parts = layout(seed=budget)
-    out = complete(server, *parts, oprm={"max_batch_tokens": budget})
-    ref = reference(server, *parts, max_batch_tokens=budget)
-    assert ref.num_chunks == 5
-    assert_matches(out.choices[0], out.oprm, ref)
+    assert_served_select_equals_reference(server, budget, context_words=70, num_chunks=5)
 
 
 @pytest.mark.parametrize("mode", ["summarize", "last"])

@@ -38,6 +38,8 @@ from .state_cache import RecurrentStateLayer, layer_of, register_layer_op, token
 
 STATES = (WKV, ATT_SHIFT, FFN_SHIFT) = range(3)  # order of a block's states (fp32 first: aligned views)
 _FUSED_L2_EPS = 1e-6  # fla's fused l2 norm (``fuse_norm``) adds it under the square root
+# a time mix's token-shift mixes, in the order of its inputs r, w, k, v, a, g (and of the rows of the old x_x)
+TOKEN_SHIFT_MIXES = ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g")
 
 
 class Rwkv7LoRA(nn.Module):
@@ -67,8 +69,8 @@ class Rwkv7TimeMix(nn.Module):
         hidden = config.hidden_size
         self.heads, self.head_dim = sizes.heads // ranks, sizes.head_dim
         width = hidden // ranks
-        for name in ("r", "w", "k", "v", "a", "g"):
-            setattr(self, f"x_{name}", rank_part((hidden,), 0, 0, (hidden,)))  # stored [1, 1, hidden]
+        for mix in TOKEN_SHIFT_MIXES:
+            setattr(self, mix, rank_part((hidden,), 0, 0, (hidden,)))  # stored [1, 1, hidden]
         self.k_k = rank_part((width,), 0, rank, (hidden,))
         self.k_a = rank_part((width,), 0, rank, (hidden,))
         self.r_k = rank_part((self.heads, self.head_dim), 0, rank, (sizes.heads, self.head_dim))
@@ -100,7 +102,7 @@ class Rwkv7TimeMix(nn.Module):
         token_shift(x, shifted, layer_name, ATT_SHIFT)
         delta = shifted - x
         xr, xw, xk, xv, xa, xg = (
-            torch.addcmul(x, delta, mix) for mix in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g)
+            torch.addcmul(x, delta, getattr(self, mix)) for mix in TOKEN_SHIFT_MIXES
         )
         r = self.r_proj(xr)[0]
         log_decay = LOG_DECAY_FLOOR * torch.sigmoid(self.w_lora(xw))
@@ -248,9 +250,6 @@ class RWKV7ForCausalLM(nn.Module, HasInnerState, IsAttentionFree, SupportsMambaP
         """fla-named RWKV7 weights, one tensor at a time; sharded parameters take their rank's part."""
         skip = "lm_head.weight" if self.config.tie_word_embeddings else None
         return load_by_name(self, split_token_shift_mixes(weights), "RWKV7", skip)
-
-
-TOKEN_SHIFT_MIXES = ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g")  # the rows of the old stacked x_x
 
 
 def split_token_shift_mixes(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterable[tuple[str, torch.Tensor]]:
